@@ -94,4 +94,3 @@ func sizeName(n int) string {
 	}
 	return strconv.Itoa(n) + "B"
 }
-

@@ -1,0 +1,28 @@
+// Command keel is one static binary for every keel process: the storage
+// node, the coordinator, operator and host commands, and the benchmarks.
+// It only wires the cobra commands that the node, ctl and bench packages
+// define.
+package main
+
+import (
+	"fmt"
+	"os"
+
+	"github.com/spf13/cobra"
+
+	"keel/node"
+)
+
+func main() {
+	root := &cobra.Command{
+		Use:           "keel",
+		Short:         "keel: network block volumes over NBD, replicated, with a coordinator",
+		SilenceUsage:  true,
+		SilenceErrors: true,
+	}
+	root.AddCommand(node.ServeCommand())
+	if err := root.Execute(); err != nil {
+		fmt.Fprintln(os.Stderr, "keel:", err)
+		os.Exit(1)
+	}
+}
