@@ -1,0 +1,123 @@
+package coord
+
+import (
+	"encoding/json"
+	"fmt"
+	"time"
+
+	"keel/ctl/coordapi"
+)
+
+// CommandVersion is the log entry format version this package writes and
+// reads.
+const CommandVersion = 1
+
+// Op names a command.
+type Op string
+
+const (
+	OpConfigure    Op = "configure"
+	OpRegister     Op = "register"
+	OpHeartbeat    Op = "heartbeat"
+	OpReplicaLoss  Op = "replica_loss"
+	OpCreateVolume Op = "create_volume"
+	OpDeleteVolume Op = "delete_volume"
+	OpDrain        Op = "drain"
+	// OpTick expires every lease whose expiry is at or before At.
+	OpTick Op = "tick"
+	// OpRebase gives every live node a fresh lease from At: the first
+	// command of a new leader, whose clock may be offset from the previous
+	// one's (see coordapi.Lease).
+	OpRebase       Op = "rebase"
+	OpSetMember    Op = "set_member"
+	OpRemoveMember Op = "remove_member"
+)
+
+// Command is one state change, one raft log entry. Exactly the payload
+// field named by Op is set.
+type Command struct {
+	Version int       `json:"v"`
+	Op      Op        `json:"op"`
+	At      time.Time `json:"at"`
+
+	Configure    *coordapi.Config              `json:"configure,omitempty"`
+	Register     *coordapi.RegisterRequest     `json:"register,omitempty"`
+	Heartbeat    *coordapi.HeartbeatRequest    `json:"heartbeat,omitempty"`
+	ReplicaLoss  *ReplicaLoss                  `json:"replica_loss,omitempty"`
+	CreateVolume *coordapi.CreateVolumeRequest `json:"create_volume,omitempty"`
+	DeleteVolume *VolumeRef                    `json:"delete_volume,omitempty"`
+	Drain        *Drain                        `json:"drain,omitempty"`
+	SetMember    *coordapi.CellMember          `json:"set_member,omitempty"`
+	RemoveMember *coordapi.RemoveRequest       `json:"remove_member,omitempty"`
+}
+
+// ReplicaLoss is the replica_loss payload: the API request plus the volume
+// from the path.
+type ReplicaLoss struct {
+	Volume string `json:"volume"` // ID or name
+	coordapi.ReplicaLossRequest
+}
+
+// VolumeRef names a volume by ID or name.
+type VolumeRef struct {
+	Volume string `json:"volume"`
+}
+
+// Drain is the drain payload.
+type Drain struct {
+	Node coordapi.NodeID `json:"node"`
+	Undo bool            `json:"undo,omitempty"`
+}
+
+// payloads returns how many payload fields are set and whether the one Op
+// names is among them.
+func (c *Command) payloads() (n int, ok bool) {
+	set := map[Op]bool{
+		OpConfigure:    c.Configure != nil,
+		OpRegister:     c.Register != nil,
+		OpHeartbeat:    c.Heartbeat != nil,
+		OpReplicaLoss:  c.ReplicaLoss != nil,
+		OpCreateVolume: c.CreateVolume != nil,
+		OpDeleteVolume: c.DeleteVolume != nil,
+		OpDrain:        c.Drain != nil,
+		OpSetMember:    c.SetMember != nil,
+		OpRemoveMember: c.RemoveMember != nil,
+	}
+	for _, v := range set {
+		if v {
+			n++
+		}
+	}
+	switch c.Op {
+	case OpTick, OpRebase:
+		return n, n == 0
+	}
+	has, known := set[c.Op]
+	return n, known && has && n == 1
+}
+
+// EncodeCommand encodes c as a log entry, setting its version.
+func EncodeCommand(c Command) ([]byte, error) {
+	c.Version = CommandVersion
+	c.At = c.At.UTC()
+	if _, ok := c.payloads(); !ok {
+		return nil, fmt.Errorf("coord: command %q must carry exactly its own payload", c.Op)
+	}
+	return json.Marshal(&c)
+}
+
+// DecodeCommand decodes a log entry. It refuses an unknown version, an
+// unknown op, and an op without exactly its payload.
+func DecodeCommand(b []byte) (Command, error) {
+	var c Command
+	if err := coordapi.Decode(b, &c); err != nil {
+		return Command{}, fmt.Errorf("coord: decoding command: %w", err)
+	}
+	if c.Version != CommandVersion {
+		return Command{}, fmt.Errorf("coord: command version %d: this build reads version %d", c.Version, CommandVersion)
+	}
+	if _, ok := c.payloads(); !ok {
+		return Command{}, fmt.Errorf("coord: command %q must carry exactly its own payload", c.Op)
+	}
+	return c, nil
+}
