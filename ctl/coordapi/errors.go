@@ -9,17 +9,17 @@ import (
 type Code string
 
 const (
-	CodeBadRequest   Code = "bad_request"   // 400: malformed or invalid request
-	CodeNotFound     Code = "not_found"     // 404: unknown volume, node or path
-	CodeConflict     Code = "conflict"      // 409: exists already, or contradicts the state
-	CodeStaleEpoch   Code = "stale_epoch"   // 409: the request names an epoch that is not current
-	CodeNotPrimary   Code = "not_primary"   // 409: the caller is not the volume's primary
-	CodeTooLarge     Code = "too_large"     // 413: body over the class's limit
-	CodeNoCapacity   Code = "no_capacity"   // 507: placement impossible without the reserve
-	CodeOverloaded   Code = "overloaded"    // 503: shed; retry after RetryAfter
-	CodeNotLeader    Code = "not_leader"    // 503: no leader reachable right now
-	CodeTimeout      Code = "timeout"       // 504: the deadline passed; the outcome is unknown
-	CodeInternal     Code = "internal"      // 500
+	CodeBadRequest Code = "bad_request" // 400: malformed or invalid request
+	CodeNotFound   Code = "not_found"   // 404: unknown volume, node or path
+	CodeConflict   Code = "conflict"    // 409: exists already, or contradicts the state
+	CodeStaleEpoch Code = "stale_epoch" // 409: the request names an epoch that is not current
+	CodeNotPrimary Code = "not_primary" // 409: the caller is not the volume's primary
+	CodeTooLarge   Code = "too_large"   // 413: body over the class's limit
+	CodeNoCapacity Code = "no_capacity" // 507: placement impossible without the reserve
+	CodeOverloaded Code = "overloaded"  // 503: shed; retry after RetryAfter
+	CodeNotLeader  Code = "not_leader"  // 503: no leader reachable right now
+	CodeTimeout    Code = "timeout"     // 504: the deadline passed; the outcome is unknown
+	CodeInternal   Code = "internal"    // 500
 )
 
 // Error is the body of every failed call, and the error type the client
