@@ -319,7 +319,9 @@ func (l *Loaded) Damaged() error {
 // Load picks the superblock from the two slots' bytes (each at least
 // SuperblockSize long): the valid one with the higher generation. The error
 // wraps ErrNoValid when neither slot is valid (and each slot's reason), or
-// ErrDisagree when both are valid but describe different volumes.
+// ErrDisagree when both are valid but describe different volumes. With
+// ErrNoValid the returned Loaded still has SlotErr filled in, and nothing
+// else.
 func Load(slotA, slotB []byte) (Loaded, error) {
 	var l Loaded
 	var sbs [2]Superblock
@@ -332,7 +334,7 @@ func Load(slotA, slotB []byte) (Loaded, error) {
 	}
 	switch {
 	case l.SlotErr[0] != nil && l.SlotErr[1] != nil:
-		return Loaded{}, fmt.Errorf("%w (slot A: %w; slot B: %w)", ErrNoValid, l.SlotErr[0], l.SlotErr[1])
+		return l, fmt.Errorf("%w (slot A: %w; slot B: %w)", ErrNoValid, l.SlotErr[0], l.SlotErr[1])
 	case l.SlotErr[0] != nil:
 		l.Slot = 1
 	case l.SlotErr[1] != nil:

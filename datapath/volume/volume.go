@@ -1,0 +1,492 @@
+// Package volume owns one replica's block volume: a Device (an O_DIRECT
+// file or raw block device, or dio.Mem in tests) holding keel's on-disk
+// format (datapath/layout), and the request semantics the NBD layer serves
+// from it.
+//
+// # What a Volume does
+//
+//   - Opening: creates and preallocates a missing file, formats a blank
+//     device, refuses a size that disagrees with the superblock and a file
+//     that is not a keel volume (or whose superblocks are both damaged), and
+//     durably marks the volume not-clean before it serves a write. Close
+//     flushes and marks it clean; WasClean says how the previous run ended.
+//   - Requests: byte offsets into the data area (the volume adds the data
+//     offset). Any offset and length are served: requests aligned to the
+//     device's direct-I/O alignment go straight to the device with the
+//     caller's buffer; others are read-modify-written through pooled
+//     aligned buffers (iobuf).
+//   - Ordering: every write, trim and zeroing takes a range lock over its
+//     alignment-expanded range, so overlapping writes are applied one at a
+//     time in arrival order (DESIGN invariant 3) and a read-modify-write
+//     never races a neighbour that shares a block; disjoint writes run
+//     concurrently. Reads take no range lock: a read concurrent with an
+//     overlapping write may see either, which NBD allows.
+//   - Durability: a FUA write is durable when WriteAt returns (RWF_DSYNC);
+//     Flush is fdatasync, which covers every write completed before it from
+//     any connection. A failed Flush is sticky: every later Flush fails
+//     too, because after a failed fdatasync nothing says the earlier writes
+//     reached the disk, and a later fdatasync that succeeds would not
+//     change that. The volume must be reopened (and resynchronised, once
+//     replication exists).
+//   - The epoch (DESIGN invariant 2) is persisted in the superblock before
+//     SetEpoch returns, and never goes backwards.
+//
+// Errors wrap a unix.Errno for the NBD layer to translate: EINVAL out of
+// range, EPERM for a write to a read-only volume, ENOTSUP for a FAST_ZERO
+// that has no fast way, ESHUTDOWN after Close, and the device's errno (EIO,
+// ENOSPC, ...) for a failed I/O, for that request only.
+//
+// Buffer ownership: ReadAt and WriteAt borrow p for the duration of the call
+// and retain nothing.
+//
+// No request allocates in the aligned steady state (tested with
+// testing.AllocsPerRun); error paths may.
+package volume
+
+import (
+	"crypto/rand"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"os"
+	"sync"
+	"sync/atomic"
+
+	"golang.org/x/sys/unix"
+
+	"keel/datapath/dio"
+	"keel/datapath/iobuf"
+	"keel/datapath/layout"
+)
+
+// Device is the storage a Volume lives on. dio.File and dio.Mem implement
+// it; see package dio for the contract (alignment, fallback, fast).
+type Device interface {
+	Name() string
+	Size() int64
+	MemAlign() int
+	OffsetAlign() int
+	ReadAt(p []byte, off int64) error
+	WriteAt(p []byte, off int64, fua bool) error
+	Sync() error
+	PunchHole(off, n int64, fallback bool) (fast bool, err error)
+	ZeroRange(off, n int64, fallback bool) (fast bool, err error)
+	Extents(off, n int64, fn func(length int64, hole, zero bool) bool) error
+	Close() error
+}
+
+var (
+	_ Device = (*dio.File)(nil)
+	_ Device = (*dio.Mem)(nil)
+)
+
+// Options configure Open, Create and OpenDevice.
+type Options struct {
+	// Logger receives open/close events and warnings (a damaged
+	// superblock slot, an unclean last shutdown). nil discards.
+	Logger *slog.Logger
+	// ReadOnly opens without writing anything, superblock included.
+	ReadOnly bool
+	// BlockSize is the block size advertised to clients, stored at
+	// creation; 0 means 4096. For an existing volume a non-zero value must
+	// match the stored one.
+	BlockSize int
+	// Create: Open creates (and preallocates) a missing file; OpenDevice
+	// formats a device whose metadata area is blank (all zeroes).
+	Create bool
+	// Size is the data size in bytes: required to create; for an existing
+	// volume, when non-zero, it must match.
+	Size int64
+}
+
+// Sentinel errors, matched with errors.Is.
+var (
+	// ErrNotVolume: the file or device holds no keel superblock.
+	ErrNotVolume = errors.New("not a keel volume")
+	// ErrCorrupt: keel metadata is there but unusable.
+	ErrCorrupt = errors.New("corrupt keel volume")
+	// ErrInUse: another process has the volume open.
+	ErrInUse = errors.New("volume in use by another process")
+	// ErrClosed: the volume was closed; it wraps ESHUTDOWN.
+	ErrClosed = fmt.Errorf("volume closed: %w", unix.ESHUTDOWN)
+	// ErrReadOnly: a write to a read-only volume; it wraps EPERM.
+	ErrReadOnly = fmt.Errorf("volume is read-only: %w", unix.EPERM)
+)
+
+// bounceChunk is the largest buffer read-modify-write and unaligned reads
+// use at a time: requests larger than this are served in pieces, so the
+// bounce buffer stays within iobuf's classes whatever the request size.
+const bounceChunk = 1 << 20
+
+// Volume is one open replica. Its methods are safe for concurrent use.
+type Volume struct {
+	dev       Device
+	log       *slog.Logger
+	name      string
+	readOnly  bool
+	size      int64 // data bytes
+	dataOff   int64 // device offset of data byte 0
+	blockSize int
+	align     int64 // offset/length alignment of direct I/O (power of two)
+	memAlign  int
+	id        [16]byte
+	wasClean  bool
+
+	epoch   atomic.Uint64         // mirror of sb.Epoch for lock-free reads
+	syncErr atomic.Pointer[error] // first failed fdatasync; sticky
+
+	locks rangeLock
+
+	closeMu sync.RWMutex // requests hold it shared, Close exclusively
+	closed  bool         // guarded by closeMu
+
+	sbMu sync.Mutex        // guards sb; serialises superblock writes
+	sb   layout.Superblock // the newest durable superblock
+}
+
+// Create makes a new volume file of size data bytes at path (which must not
+// exist): the file is preallocated (metadata area + data) and formatted.
+func Create(path string, size int64, opts Options) (*Volume, error) {
+	if err := checkSize(path, size, opts.BlockSize); err != nil {
+		return nil, err
+	}
+	if opts.ReadOnly {
+		return nil, fmt.Errorf("volume %s: cannot create a read-only volume: %w", path, unix.EINVAL)
+	}
+	f, err := dio.Create(path, layout.DataOffset+size)
+	if err != nil {
+		return nil, fmt.Errorf("volume %s: create: %w", path, err)
+	}
+	opts.Create, opts.Size = true, size
+	v, err := OpenDevice(f, opts)
+	if err != nil {
+		f.Close()
+		os.Remove(path)
+		return nil, err
+	}
+	return v, nil
+}
+
+// Open opens the volume file or block device at path. With opts.Create and
+// opts.Size a missing file is created (see Create); an existing file is
+// never formatted: without a valid superblock it is refused.
+func Open(path string, opts Options) (*Volume, error) {
+	f, err := dio.Open(path, opts.ReadOnly)
+	switch {
+	case err == nil:
+	case errors.Is(err, unix.ENOENT) && opts.Create:
+		if opts.Size == 0 {
+			return nil, fmt.Errorf("volume %s does not exist; give a size to create it: %w", path, unix.ENOENT)
+		}
+		return Create(path, opts.Size, opts)
+	case errors.Is(err, unix.EWOULDBLOCK):
+		return nil, fmt.Errorf("volume %s: %w: %w", path, ErrInUse, err)
+	default:
+		return nil, fmt.Errorf("volume %s: open: %w", path, err)
+	}
+	opts.Create = false
+	v, err := OpenDevice(f, opts)
+	if err != nil {
+		f.Close()
+		return nil, err
+	}
+	return v, nil
+}
+
+// OpenDevice opens the volume on dev. With opts.Create a device whose
+// metadata area is all zeroes is formatted with opts.Size data bytes. On
+// success the Volume owns dev (Close closes it); on error the caller still
+// does.
+func OpenDevice(dev Device, opts Options) (*Volume, error) {
+	log := opts.Logger
+	if log == nil {
+		log = slog.New(slog.NewTextHandler(io.Discard, nil))
+	}
+	name := dev.Name()
+	align, memAlign := dev.OffsetAlign(), dev.MemAlign()
+	if align <= 0 || align&(align-1) != 0 || align > layout.SuperblockSize || memAlign <= 0 || memAlign > iobuf.Align {
+		return nil, fmt.Errorf("volume %s: device needs direct-I/O alignment %d (memory %d); keel supports powers of two up to %d: %w",
+			name, align, memAlign, layout.SuperblockSize, unix.EINVAL)
+	}
+
+	meta := iobuf.Get(2 * layout.SuperblockSize)
+	defer meta.Release()
+	if dev.Size() < 2*layout.SuperblockSize {
+		return nil, fmt.Errorf("volume %s: %w: it is %d bytes, too small to hold a superblock", name, ErrNotVolume, dev.Size())
+	}
+	if err := dev.ReadAt(meta.Bytes(), 0); err != nil {
+		return nil, fmt.Errorf("volume %s: reading superblocks: %w", name, err)
+	}
+	blank := isZero(meta.Bytes())
+	if blank && opts.Create {
+		if opts.ReadOnly {
+			return nil, fmt.Errorf("volume %s: cannot format a read-only volume: %w", name, unix.EINVAL)
+		}
+		if err := format(dev, opts.Size, opts.BlockSize); err != nil {
+			return nil, err
+		}
+		log.Info("volume formatted", "path", name, "size", opts.Size)
+		if err := dev.ReadAt(meta.Bytes(), 0); err != nil {
+			return nil, fmt.Errorf("volume %s: reading superblocks: %w", name, err)
+		}
+	}
+	l, err := layout.Load(meta.Bytes()[:layout.SuperblockSize], meta.Bytes()[layout.SuperblockSize:])
+	if err != nil {
+		if blank {
+			return nil, fmt.Errorf("volume %s: %w: its metadata area is all zeroes (no superblock); an interrupted create leaves this, remove the file to start over", name, ErrNotVolume)
+		}
+		if errors.Is(l.SlotErr[0], layout.ErrBadMagic) && errors.Is(l.SlotErr[1], layout.ErrBadMagic) {
+			return nil, fmt.Errorf("volume %s: %w: no keel superblock in slot A or B; refusing to use it", name, ErrNotVolume)
+		}
+		return nil, fmt.Errorf("volume %s: %w: refusing to use it: %w", name, ErrCorrupt, err)
+	}
+	if d := l.Damaged(); d != nil {
+		log.Warn("volume superblock slot damaged; using the other (the next superblock write repairs it)",
+			"path", name, "used_slot", layout.SlotName(l.Slot), "generation", l.Generation, "damage", d)
+	}
+	sb := l.Superblock
+	if need := sb.DataOffset + sb.DataSize; dev.Size() < need {
+		return nil, fmt.Errorf("volume %s: %w: it is %d bytes but its superblock says %d (truncated?)", name, ErrCorrupt, dev.Size(), need)
+	}
+	if opts.Size != 0 && opts.Size != sb.DataSize {
+		return nil, &SizeMismatchError{Path: name, Have: sb.DataSize, Want: opts.Size}
+	}
+	if opts.BlockSize != 0 && opts.BlockSize != int(sb.BlockSize) {
+		return nil, fmt.Errorf("volume %s has block size %d, not the requested %d: %w", name, sb.BlockSize, opts.BlockSize, unix.EINVAL)
+	}
+	if sb.DataOffset%int64(align) != 0 {
+		return nil, fmt.Errorf("volume %s: %w: data offset %d not aligned to the device's %d", name, ErrCorrupt, sb.DataOffset, align)
+	}
+
+	v := &Volume{
+		dev: dev, log: log, name: name, readOnly: opts.ReadOnly,
+		size: sb.DataSize, dataOff: sb.DataOffset, blockSize: int(sb.BlockSize),
+		align: int64(align), memAlign: memAlign, id: sb.VolumeID, wasClean: sb.Clean,
+		sb: sb,
+	}
+	v.epoch.Store(sb.Epoch)
+	if !opts.ReadOnly {
+		// Not clean from now until Close: durable before any write.
+		next := sb
+		next.Clean = false
+		if err := v.writeSuperblockLocked(next); err != nil {
+			return nil, err
+		}
+	}
+	log.Info("volume opened", "path", name, "size", v.size, "block_size", v.blockSize,
+		"read_only", v.readOnly, "last_shutdown_clean", v.wasClean, "epoch", sb.Epoch,
+		"dio_align", align, "dio_mem_align", memAlign)
+	if !v.wasClean {
+		log.Warn("volume was not shut down cleanly: writes not flushed before the stop may be lost", "path", name)
+	}
+	return v, nil
+}
+
+// format writes the two superblock slots of a new volume.
+func format(dev Device, size int64, blockSize int) error {
+	name := dev.Name()
+	if err := checkSize(name, size, blockSize); err != nil {
+		return err
+	}
+	if need := layout.DataOffset + size; dev.Size() < need {
+		return fmt.Errorf("volume %s: device of %d bytes cannot hold %d data bytes plus %d of metadata: %w",
+			name, dev.Size(), size, int64(layout.DataOffset), unix.ENOSPC)
+	}
+	var id [16]byte
+	if _, err := rand.Read(id[:]); err != nil {
+		return fmt.Errorf("volume %s: volume id: %w", name, err)
+	}
+	sb, err := layout.New(id, size, blockSize)
+	if err != nil {
+		return fmt.Errorf("volume %s: %w", name, err)
+	}
+	sb.Clean = true // nothing written yet
+	buf := iobuf.Get(layout.SuperblockSize)
+	defer buf.Release()
+	// Generation 1 in slot B, then 2 in slot A: both slots valid from the
+	// start, so a damaged slot is never mistaken for a fresh one.
+	for gen := uint64(1); gen <= 2; gen++ {
+		sb.Generation = gen
+		if err := sb.Encode(buf.Bytes()); err != nil {
+			return fmt.Errorf("volume %s: %w", name, err)
+		}
+		if err := dev.WriteAt(buf.Bytes(), layout.SlotOffset(sb.Slot()), true); err != nil {
+			return fmt.Errorf("volume %s: writing superblock: %w", name, err)
+		}
+	}
+	return nil
+}
+
+// writeSuperblockLocked durably writes next as the next generation, to the
+// slot the previous one is not in, and makes it current.
+// REQUIRES: v.sbMu, or v not yet shared.
+func (v *Volume) writeSuperblockLocked(next layout.Superblock) error {
+	next.Generation = v.sb.Generation + 1
+	buf := iobuf.Get(layout.SuperblockSize)
+	defer buf.Release()
+	if err := next.Encode(buf.Bytes()); err != nil {
+		return fmt.Errorf("volume %s: %w", v.name, err)
+	}
+	if err := v.dev.WriteAt(buf.Bytes(), layout.SlotOffset(next.Slot()), true); err != nil {
+		return fmt.Errorf("volume %s: writing superblock slot %s: %w", v.name, layout.SlotName(next.Slot()), err)
+	}
+	v.sb = next
+	return nil
+}
+
+func checkSize(name string, size int64, blockSize int) error {
+	if size <= 0 || size%layout.SizeAlign != 0 {
+		return fmt.Errorf("volume %s: size %d bytes is not a positive multiple of %d: %w", name, size, layout.SizeAlign, unix.EINVAL)
+	}
+	if blockSize != 0 {
+		if blockSize < 512 || blockSize > 65536 || blockSize&(blockSize-1) != 0 {
+			return fmt.Errorf("volume %s: block size %d is not a power of two in [512, 65536]: %w", name, blockSize, unix.EINVAL)
+		}
+		if size%int64(blockSize) != 0 {
+			return fmt.Errorf("volume %s: size %d bytes is not a multiple of the block size %d: %w", name, size, blockSize, unix.EINVAL)
+		}
+	}
+	return nil
+}
+
+func isZero(b []byte) bool {
+	for _, c := range b {
+		if c != 0 {
+			return false
+		}
+	}
+	return true
+}
+
+// SizeMismatchError: an existing volume's size differs from the one asked
+// for. It wraps EINVAL.
+type SizeMismatchError struct {
+	Path       string
+	Have, Want int64
+}
+
+func (e *SizeMismatchError) Error() string {
+	return fmt.Sprintf("volume %s has size %s (%d bytes), not the requested %s: pass --size %s or use another --file",
+		e.Path, humanSize(e.Have), e.Have, humanSize(e.Want), sizeFlag(e.Have))
+}
+
+func (e *SizeMismatchError) Unwrap() error { return unix.EINVAL }
+
+var units = []struct {
+	shift       uint
+	name, short string
+}{{40, "TiB", "T"}, {30, "GiB", "G"}, {20, "MiB", "M"}, {10, "KiB", "K"}}
+
+// humanSize writes n in the largest binary unit that divides it exactly
+// ("4 GiB"), else as "%.1f unit" ("1.5 GiB"), else in bytes.
+func humanSize(n int64) string {
+	for _, u := range units {
+		if n >= 1<<u.shift {
+			if n%(1<<u.shift) == 0 {
+				return fmt.Sprintf("%d %s", n>>u.shift, u.name)
+			}
+			return fmt.Sprintf("%.1f %s", float64(n)/float64(int64(1)<<u.shift), u.name)
+		}
+	}
+	return fmt.Sprintf("%d bytes", n)
+}
+
+// sizeFlag writes n exactly, as --size takes it: "4G", "512M", or bytes.
+func sizeFlag(n int64) string {
+	for _, u := range units {
+		if n >= 1<<u.shift && n%(1<<u.shift) == 0 {
+			return fmt.Sprintf("%d%s", n>>u.shift, u.short)
+		}
+	}
+	return fmt.Sprint(n)
+}
+
+// Name is the path of the file or device.
+func (v *Volume) Name() string { return v.name }
+
+// ID is the volume id chosen at creation.
+func (v *Volume) ID() [16]byte { return v.id }
+
+// WasClean reports whether the previous run closed the volume cleanly.
+func (v *Volume) WasClean() bool { return v.wasClean }
+
+// Size is the data size: what clients see.
+func (v *Volume) Size() int64 { return v.size }
+
+// BlockSize is the preferred block size advertised to clients.
+func (v *Volume) BlockSize() int { return v.blockSize }
+
+// MinBlockSize is 1: unaligned requests are served by read-modify-write.
+func (v *Volume) MinBlockSize() int { return 1 }
+
+// IOAlign is the device's direct-I/O offset and length alignment: requests
+// aligned to it (with buffers aligned like iobuf's) take the fast path.
+func (v *Volume) IOAlign() int { return int(v.align) }
+
+// ReadOnly reports whether the volume was opened read-only.
+func (v *Volume) ReadOnly() bool { return v.readOnly }
+
+// Epoch is the highest epoch persisted.
+func (v *Volume) Epoch() uint64 { return v.epoch.Load() }
+
+// SetEpoch durably records epoch e before returning. It refuses to go
+// backwards (EINVAL); setting the current epoch again is a no-op.
+func (v *Volume) SetEpoch(e uint64) error {
+	if err := v.begin(); err != nil {
+		return err
+	}
+	defer v.end()
+	if v.readOnly {
+		return ErrReadOnly
+	}
+	v.sbMu.Lock()
+	defer v.sbMu.Unlock()
+	switch {
+	case e < v.sb.Epoch:
+		return fmt.Errorf("volume %s: epoch %d is older than the recorded %d: %w", v.name, e, v.sb.Epoch, unix.EINVAL)
+	case e == v.sb.Epoch:
+		return nil
+	}
+	next := v.sb
+	next.Epoch = e
+	if err := v.writeSuperblockLocked(next); err != nil {
+		return err
+	}
+	v.epoch.Store(e)
+	return nil
+}
+
+// Close waits for requests in progress, flushes, durably marks the volume
+// clean (unless a flush ever failed) and closes the device. Requests after
+// Close fail with ErrClosed.
+func (v *Volume) Close() error {
+	v.closeMu.Lock()
+	defer v.closeMu.Unlock()
+	if v.closed {
+		return ErrClosed
+	}
+	v.closed = true
+	var errs []error
+	clean := false
+	if !v.readOnly {
+		if err := v.syncLocked(); err != nil {
+			errs = append(errs, err)
+		} else {
+			v.sbMu.Lock()
+			next := v.sb
+			next.Clean = true
+			if err := v.writeSuperblockLocked(next); err != nil {
+				errs = append(errs, err)
+			} else {
+				clean = true
+			}
+			v.sbMu.Unlock()
+		}
+	}
+	if err := v.dev.Close(); err != nil {
+		errs = append(errs, fmt.Errorf("volume %s: %w", v.name, err))
+	}
+	v.log.Info("volume closed", "path", v.name, "clean", clean || v.readOnly && v.wasClean)
+	return errors.Join(errs...)
+}
