@@ -2,6 +2,7 @@ package volume_test
 
 import (
 	"bytes"
+	"errors"
 	"flag"
 	"fmt"
 	"log/slog"
@@ -55,6 +56,7 @@ func createMem(t testing.TB, size int64, opts dio.MemOptions) (*volume.Volume, *
 	if err != nil {
 		t.Fatal(err)
 	}
+	closeAtEnd(t, v)
 	return v, m
 }
 
@@ -65,7 +67,18 @@ func createFile(t testing.TB, dir string, size int64) (*volume.Volume, string) {
 	if err != nil {
 		t.Fatal(err)
 	}
+	closeAtEnd(t, v)
 	return v, p
+}
+
+// closeAtEnd closes v when the test ends, if the test did not (a failed
+// test must not leave a file open on a file system it wants to unmount).
+func closeAtEnd(t testing.TB, v *volume.Volume) {
+	t.Cleanup(func() {
+		if err := v.Close(); err != nil && !errors.Is(err, volume.ErrClosed) {
+			t.Logf("closing %s at the end of the test: %v", v.Name(), err)
+		}
+	})
 }
 
 // buffer returns n bytes in one of the shapes callers hand the volume: an
@@ -91,8 +104,9 @@ func fill(rng *rand.Rand, b []byte) {
 	}
 }
 
-// randRange returns a range within size: half the time 4 KiB-aligned in
-// offset and length, otherwise arbitrary; lengths up to about 300 KiB.
+// randRange returns a range within size: a third of the time 4 KiB-aligned
+// in offset (and often length), a sixth of the time 512-aligned in both,
+// otherwise arbitrary; lengths up to about 300 KiB.
 func randRange(rng *rand.Rand, size int64) (off, n int64) {
 	switch rng.IntN(4) {
 	case 0:
@@ -106,11 +120,15 @@ func randRange(rng *rand.Rand, size int64) (off, n int64) {
 	}
 	n = min(n, size)
 	off = rng.Int64N(size - n + 1)
-	if rng.IntN(2) == 0 {
+	switch rng.IntN(6) {
+	case 0, 1: // 4 KiB-aligned offset, and often length
 		off &^= 4095
 		if rng.IntN(2) == 0 {
 			n = max(n&^4095, 4096)
 		}
+	case 2: // 512-aligned, which a 4 KiB-sector device must not see directly
+		off &^= 511
+		n = max(n&^511, 512)
 	}
 	return off, min(n, size-off)
 }
