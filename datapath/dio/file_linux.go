@@ -237,9 +237,10 @@ func (f *File) pwritev2DSync(p []byte, off int64) error {
 		var iov unix.Iovec
 		iov.Base = &p[done]
 		iov.SetLen(len(p) - done)
-		pos := off + int64(done)
-		n, _, en := unix.Syscall6(unix.SYS_PWRITEV2, uintptr(f.fd), uintptr(unsafe.Pointer(&iov)), 1,
-			uintptr(pos), uintptr(uint64(pos)>>32>>32), unix.RWF_DSYNC)
+		pos := uint64(off) + uint64(done)
+		// The kernel takes the offset as (low, high) halves of a long each.
+		lo, hi := uintptr(pos), uintptr(pos>>(unix.SizeofLong*8-1)>>1)
+		n, _, en := unix.Syscall6(unix.SYS_PWRITEV2, uintptr(f.fd), uintptr(unsafe.Pointer(&iov)), 1, lo, hi, unix.RWF_DSYNC)
 		if en != 0 {
 			if en == unix.EINTR {
 				continue

@@ -134,7 +134,7 @@ func New(id [16]byte, dataSize int64, blockSize int) (Superblock, error) {
 	if blockSize == 0 {
 		blockSize = DefaultBlockSize
 	}
-	if blockSize < 0 || blockSize > math.MaxUint32 {
+	if blockSize < 0 || int64(blockSize) > math.MaxUint32 {
 		return Superblock{}, fmt.Errorf("%w: block size %d", ErrInvalid, blockSize)
 	}
 	sb := Superblock{

@@ -90,7 +90,7 @@ func (m *crashModel) check(got []byte) (bad int64, ok bool) {
 func TestCrash(t *testing.T) {
 	seed := testSeed(t)
 	rng := rand.New(rand.NewPCG(seed, 4))
-	const size = 2 << 20
+	const size = 1 << 20
 	rounds := 24
 	if testing.Short() {
 		rounds = 6
