@@ -1,0 +1,123 @@
+// Package bench is keel's benchmark harness: the `keel bench` command tree.
+// It binds flags to the Config structs of the libraries under it (bench/fio,
+// with bench/chart for plots) and runs them; the measuring lives in those
+// packages so that tests and other tools can drive them without a CLI.
+//
+// bench is the top layer below the keel binary: it may import any keel
+// package, and nothing but main imports it.
+package bench
+
+import (
+	"fmt"
+	"log/slog"
+	"os"
+	"os/signal"
+	"strings"
+	"syscall"
+	"time"
+
+	"github.com/spf13/cobra"
+
+	"keel/bench/fio"
+)
+
+// Command returns the `keel bench` command and its subcommands.
+func Command() *cobra.Command {
+	cmd := &cobra.Command{
+		Use:   "bench",
+		Short: "Benchmarks: keel against its peers and the disk itself",
+	}
+	cmd.AddCommand(fioCommand())
+	return cmd
+}
+
+func fioCommand() *cobra.Command {
+	var (
+		cfg       fio.Config
+		size      string
+		peers     string
+		workloads string
+		markdown  string
+		quiet     bool
+	)
+	cmd := &cobra.Command{
+		Use:   "fio",
+		Short: "Run the fio suite over NBD against keel, nbdkit, qemu-nbd, nbd-server, go-nbd and the raw file",
+		Long: `Run the same fio suite (engine nbd, over loopback TCP or a Unix socket)
+against keel and its peers, each on a fresh preallocated file on the same
+disk, and against that file directly with O_DIRECT (raw, the limit). Targets
+alternate rep by rep. Prints a table and issue 7's target checks, and writes
+latest.json, latest.svg and latest.md into --out.
+
+Targets: ` + strings.Join(fio.TargetNames(), ", ") + `
+Workloads: ` + strings.Join(fio.WorkloadNames(), ", ") + `
+
+Missing peers are skipped; install them with ` + "`make bench-deps`" + `.`,
+		Args: cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			if markdown != "" {
+				r, err := fio.ReadReport(markdown)
+				if err != nil {
+					return err
+				}
+				_, err = fmt.Fprint(cmd.OutOrStdout(), fio.Markdown(r))
+				return err
+			}
+			n, err := fio.ParseSize(size)
+			if err != nil {
+				return err
+			}
+			cfg.Size = n
+			cfg.Targets = splitList(peers)
+			cfg.Workloads = splitList(workloads)
+			if cfg.KeelBin == "" {
+				if exe, err := os.Executable(); err == nil {
+					cfg.KeelBin = exe
+				}
+			}
+			cfg.Command = os.Args
+			cfg.Stdout = cmd.OutOrStdout()
+			level := slog.LevelInfo
+			if quiet {
+				level = slog.LevelWarn
+			}
+			cfg.Logger = slog.New(slog.NewTextHandler(cmd.ErrOrStderr(), &slog.HandlerOptions{Level: level}))
+			ctx, stop := signal.NotifyContext(cmd.Context(), os.Interrupt, syscall.SIGTERM)
+			defer stop()
+			r, err := fio.Run(ctx, cfg)
+			if err != nil {
+				return err
+			}
+			if len(r.Errors) > 0 {
+				return fmt.Errorf("%d target turn(s) failed: see the errors above", len(r.Errors))
+			}
+			return nil
+		},
+	}
+	f := cmd.Flags()
+	f.StringVar(&peers, "peers", strings.Join(fio.TargetNames(), ","), "targets to run, comma-separated, in this order")
+	f.StringVar(&workloads, "workloads", strings.Join(fio.WorkloadNames(), ","), "workloads to run, comma-separated")
+	f.DurationVar(&cfg.Runtime, "runtime", 20*time.Second, "measured time per workload")
+	f.DurationVar(&cfg.Ramp, "ramp", time.Second, "unmeasured fio ramp time before each workload")
+	f.IntVar(&cfg.Reps, "reps", 2, "repetitions; targets alternate within each")
+	f.StringVar(&size, "size", "4G", "volume size (K, M, G, T suffixes are binary)")
+	f.StringVar(&cfg.Dir, "dir", "", "directory for the volume files, on the disk under test, never tmpfs (default: a new directory under /var/tmp)")
+	f.BoolVar(&cfg.Unix, "unix", false, "serve NBD on Unix sockets instead of loopback TCP")
+	f.StringVar(&cfg.Out, "out", "bench/results", "directory for latest.json, latest.svg and latest.md (empty: write none)")
+	f.StringVar(&cfg.KeelBin, "keel-bin", "", "keel binary serving the keel target (default: this executable)")
+	f.StringVar(&cfg.FioBin, "fio", "fio", "fio binary")
+	f.StringVar(&markdown, "markdown", "", "print the Markdown table of an existing report (e.g. bench/results/latest.json) and exit")
+	f.BoolVarP(&quiet, "quiet", "q", false, "log no progress to stderr, only failures")
+	return cmd
+}
+
+// splitList splits a comma-separated flag value, dropping empty items.
+func splitList(s string) []string {
+	var out []string
+	for p := range strings.SplitSeq(s, ",") {
+		if p = strings.TrimSpace(p); p != "" {
+			out = append(out, p)
+		}
+	}
+	return out
+}
