@@ -26,6 +26,17 @@
 // Buffer ownership: ReadAt and WriteAt borrow p for the duration of the call
 // and retain nothing.
 //
+// # Opening
+//
+// Open and Create take an flock(2) on the file (exclusive read-write, shared
+// read-only; EWOULDBLOCK when another holder has it). The direct-I/O
+// alignment is probed once: STATX_DIOALIGN where the kernel and file system
+// report it; else, for a block device, its logical block size (BLKSSZGET);
+// else 512 raised to the file system's block size, a conservative guess
+// that is always a multiple of the device's logical block size. Create
+// preallocates the whole file (fallocate mode 0; ftruncate where that is
+// unsupported) and fsyncs the directory so the new file survives a crash.
+//
 // # Zeroing and FAST_ZERO
 //
 // PunchHole and ZeroRange try fallocate(2) first. When the file system

@@ -277,34 +277,40 @@ func (m *Mem) zero(op Op, name string, refused, hole bool, off, n int64, fallbac
 }
 
 // Extents reports [off, off+n) as consecutive extents of sectors: punched
-// sectors as (hole, zero), zeroed ones as zero, the rest as data.
+// sectors as (hole, zero), zeroed ones as zero, the rest as data. fn runs
+// without Mem's lock held, so it may call Mem.
 func (m *Mem) Extents(off, n int64, fn func(length int64, hole, zero bool) bool) error {
 	m.mu.Lock()
-	defer m.mu.Unlock()
 	if en := m.injectedLocked(OpExtents, off, n); en != 0 {
+		m.mu.Unlock()
 		return &Error{Op: "extents (injected)", Path: m.name, Off: off, Len: n, Err: en}
 	}
+	m.mu.Unlock()
 	if off < 0 || n < 0 || off+n > m.size {
 		return &Error{Op: "extents", Path: m.name, Off: off, Len: n, Err: unix.EINVAL}
 	}
-	pos, end := off, off+n
-	for pos < end {
-		s := pos / SectorSize
-		hole, zero := m.curHole.get(s), m.curZero.get(s)
-		e := s + 1
-		for e*SectorSize < end && m.curHole.get(e) == hole && m.curZero.get(e) == zero {
-			e++
-		}
-		next := min(e*SectorSize, end)
-		m.mu.Unlock()
-		more := fn(next-pos, hole, hole || zero)
-		m.mu.Lock()
-		if !more {
+	for pos, end := off, off+n; pos < end; {
+		next, hole, zero := m.extentAt(pos, end)
+		if !fn(next-pos, hole, hole || zero) {
 			return nil
 		}
 		pos = next
 	}
 	return nil
+}
+
+// extentAt returns the end (at most end) of the run of sectors in the same
+// state as the one holding pos, and that state.
+func (m *Mem) extentAt(pos, end int64) (next int64, hole, zero bool) {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	s := pos / SectorSize
+	hole, zero = m.curHole.get(s), m.curZero.get(s)
+	e := s + 1
+	for e*SectorSize < end && m.curHole.get(e) == hole && m.curZero.get(e) == zero {
+		e++
+	}
+	return min(e*SectorSize, end), hole, zero
 }
 
 // Close makes later operations fail with EBADF. Crash still works.

@@ -13,6 +13,12 @@
 //	                            [i*RegionSize, (i+1)*RegionSize)
 //	1 MiB       DataSize        data: what NBD clients see, at data offset 0
 //
+// RegionSize is fixed at creation: the smallest power of two of at least
+// 64 KiB whose bitmap fits the area (64 KiB regions cover volumes up to
+// 480 GiB). Only the area and the bit order are fixed here; the code that
+// maintains the bitmap (replication catch-up) owns how it is updated and
+// checked. A new volume's bitmap area is zero: nothing to catch up.
+//
 // The file is DataOffset+DataSize bytes, preallocated. Every metadata
 // structure is 4 KiB-aligned, so it can be read and written with O_DIRECT
 // on 512- and 4096-byte-sector devices alike.

@@ -185,9 +185,12 @@ func TestLoad(t *testing.T) {
 		}
 	})
 	t.Run("both bad", func(t *testing.T) {
-		_, err := Load(corrupt(a2), make([]byte, SuperblockSize))
+		l, err := Load(corrupt(a2), make([]byte, SuperblockSize))
 		if !errors.Is(err, ErrNoValid) || !errors.Is(err, ErrChecksum) || !errors.Is(err, ErrBadMagic) {
 			t.Fatalf("Load(both bad): %v", err)
+		}
+		if !errors.Is(l.SlotErr[0], ErrChecksum) || !errors.Is(l.SlotErr[1], ErrBadMagic) || l.Generation != 0 {
+			t.Fatalf("Load(both bad) result %+v", l)
 		}
 		if !strings.Contains(err.Error(), "slot A") || !strings.Contains(err.Error(), "slot B") {
 			t.Fatalf("error does not name the slots: %v", err)

@@ -360,7 +360,8 @@ func isZero(b []byte) bool {
 }
 
 // SizeMismatchError: an existing volume's size differs from the one asked
-// for. It wraps EINVAL.
+// for. It wraps EINVAL. Its message is phrased for `keel serve`, the
+// command that asks for a size.
 type SizeMismatchError struct {
 	Path       string
 	Have, Want int64
