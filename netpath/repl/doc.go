@@ -1,0 +1,84 @@
+// Package repl owns keel's synchronous replication between nodes: the
+// primary side (Peer, Fanout) that sends each replicated operation to every
+// in-sync peer node and waits for all of them, and the replica side
+// (Server) that applies the frames through a consumer-owned Applier. The
+// frame format is netpath/replproto's; sockets come from netpath/sock
+// (pinned to the replication network) through PeerConfig.Dial and the
+// listener given to Server.Serve. It imports no volume and no coordinator:
+// the node wires them in (it implements Applier and reacts to OnPeerLost and
+// the Fence).
+//
+// # Streams
+//
+// A node keeps one long-lived TCP stream to each peer node (not one per
+// volume); it carries the frames of every volume replicated there. A Peer
+// has an explicit in-flight window (frames and bytes; Full, Add on send,
+// Free on answer), numbers frames per stream, and runs three goroutines
+// per stream: the sender, the only writer of the socket, which batches
+// queued frames into one writev straight from the callers' buffers (or
+// sendmsg(MSG_ZEROCOPY) for large payloads) and runs the deadline watchdog
+// and the pings; the receiver, which reads ACK, NACK and PONG; and, with
+// MSG_ZEROCOPY on, the completion reaper, which reads the socket's error
+// queue. No goroutine is started per write: Fanout takes pooled op structs
+// and waits on one channel.
+//
+// A frame unanswered after FrameTimeout, a PING unanswered as long, a
+// write to the socket blocked as long, a reset, or a protocol violation
+// fails the whole stream: every frame still in its window fails with a
+// *StreamError (ErrPeerLost), OnPeerLost reports the peer with Volume 0, and
+// the Peer reconnects with jittered exponential backoff. A NACK fails only
+// its frame: a stale epoch marks the volume in the Fence (ErrFenced); any
+// other reason (disk error, unknown volume, corrupt payload) reports the
+// peer lost for that volume. Frames submitted while the stream is down fail
+// at once (ErrPeerDown). A Peer never reports success for a frame the peer
+// did not acknowledge.
+//
+// # Buffer ownership
+//
+// Request.Payload is borrowed: the caller (the node, holding the iobuf
+// buffer that came off the NBD socket and went to the local disk) must not
+// modify or release it until Fanout/Send has returned or Op.Done has been
+// called. For a frame sent with MSG_ZEROCOPY that moment is after both its
+// ACK and the kernel's completion notification for every sendmsg that
+// carried it; if the stream fails first, after the socket has been reset
+// and closed (SO_LINGER 0 drops the send queue). On the replica, the
+// reader takes an iobuf buffer per payload, reads into it straight from the
+// socket, and releases it after the frame is answered; the Applier only
+// borrows it for the call.
+//
+// # Copies per replicated byte
+//
+// In user space: none. The sender hands the caller's buffer to writev or
+// sendmsg; the replica reads into the buffer it then hands to the Applier.
+// The only bytes copied in user space are 64-byte headers (the replica
+// batches replies into one write; the primary reads replies through a
+// bufio.Reader). keel_repl_user_copy_bytes_total exists so that a future
+// path that copies (a TLS transport, say) shows up; it stays 0.
+// In the kernel: writev copies each payload once into socket buffers
+// (counted in keel_repl_kernel_copy_bytes_total); MSG_ZEROCOPY pins the
+// pages instead, unless the kernel reports it copied anyway
+// (SO_EE_CODE_ZEROCOPY_COPIED: always on loopback and veth), which is
+// counted as a kernel copy too; keel_repl_zerocopy_bytes_total counts the
+// bytes that truly went without one. ENOBUFS (locked-memory or option-memory
+// limit) falls back to writev for the rest of the frame, counted in
+// keel_repl_zerocopy_fallback_total. The replica's read is one kernel copy
+// from the socket into the aligned buffer.
+//
+// # Replica ordering and fencing
+//
+// See volState: overlapping frames are applied in stream order, disjoint
+// ones concurrently on a bounded worker pool (ServerConfig.Workers); FLUSH
+// waits for every earlier frame of its volume; a higher epoch is persisted
+// through Applier.ApplyEpoch after every earlier frame is answered and
+// before anything at that epoch is; a lower epoch is refused with NACK
+// stale epoch carrying the replica's epoch.
+//
+// # Locks
+//
+// Peer.mu guards upCh; stream.mu guards the window, the zero-copy ledger,
+// the ping state and the failure cause; Fence.mu its map; Server.mu the
+// volume map, streams and listeners; Server.qmu the ready queue;
+// volState.mu one volume's ordering state and epochs; sconn.mu a stream's
+// credit. No two are held at once, except that volState.mu is taken under
+// Server.mu by Forget.
+package repl

@@ -1,0 +1,948 @@
+package repl
+
+import (
+	"bufio"
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"sync"
+	"sync/atomic"
+	"syscall"
+	"time"
+
+	"keel/netpath/replproto"
+)
+
+// PeerConfig configures the primary side's stream to one peer node.
+type PeerConfig struct {
+	// Self is this node's id, sent in HELLO.
+	Self uint64
+	// Node is the peer's node id. HELLO names it and the peer's HELLO_ACK
+	// must carry it (0: accept any peer at Addr).
+	Node uint64
+	// Addr is the peer's replication listener, host:port.
+	Addr string
+	// Dial opens the TCP connection: the node passes a netpath/sock
+	// Dialer's DialContext, so that the stream is pinned to the replication
+	// network. nil: a plain net.Dialer (tests).
+	Dial func(ctx context.Context, network, addr string) (net.Conn, error)
+
+	// WindowFrames and WindowBytes bound the frames in flight (queued or
+	// sent and not finished): defaults 256 frames, 64 MiB.
+	WindowFrames int
+	WindowBytes  int64
+	// FrameTimeout is the deadline for every frame's answer, for every
+	// write to the socket and for PONGs: past it the stream is declared
+	// lost. Default 5 s.
+	FrameTimeout time.Duration
+	// PingInterval is how often the stream measures its round trip, and
+	// so how soon an idle stream to a vanished peer is noticed. Default 1 s.
+	PingInterval time.Duration
+	// DialTimeout bounds dial plus handshake. Default FrameTimeout.
+	DialTimeout time.Duration
+	// ZeroCopyMin is the smallest payload sent with MSG_ZEROCOPY; smaller
+	// frames go with writev, where the page pinning and completion costs
+	// more than the copy. 0: 64 KiB. Negative: never.
+	ZeroCopyMin int
+	// BackoffMin and BackoffMax bound the reconnect backoff (exponential,
+	// jittered). Defaults 50 ms and 5 s.
+	BackoffMin, BackoffMax time.Duration
+
+	// Fence is shared by all the node's Peers: a stale-epoch NACK on any
+	// stream fences the volume. nil: a private one (tests).
+	Fence *Fence
+	// OnPeerLost is called when the stream fails (Volume 0) and when the
+	// peer refuses a frame for a reason other than a stale epoch (that
+	// volume only). It runs on a stream goroutine and must not block.
+	OnPeerLost func(Loss)
+	Metrics    *Metrics
+	Logger     *slog.Logger
+}
+
+// Peer is the primary side of replication to one peer node: one long-lived
+// TCP stream at a time that carries the frames of every volume replicated
+// to that node, reconnected with backoff after a loss. Frames submitted
+// while the stream is down fail at once with ErrPeerDown: a Peer never
+// queues writes for later, because the node must report the peer as out of
+// sync rather than pretend.
+//
+// All methods are safe for concurrent use.
+type Peer struct {
+	cfg   PeerConfig
+	log   *slog.Logger
+	m     *peerMetrics
+	fence *Fence
+
+	cur atomic.Pointer[stream] // the stream up now; nil while down
+
+	mu   sync.Mutex    // guards upCh
+	upCh chan struct{} // closed while a stream is up; replaced when it goes down
+
+	ctx      context.Context // canceled by Close
+	cancel   context.CancelFunc
+	loopDone chan struct{}
+}
+
+// NewPeer starts connecting to the peer in the background and returns.
+func NewPeer(cfg PeerConfig) *Peer {
+	if cfg.WindowFrames <= 0 {
+		cfg.WindowFrames = 256
+	}
+	if cfg.WindowBytes <= 0 {
+		cfg.WindowBytes = 64 << 20
+	}
+	if cfg.FrameTimeout <= 0 {
+		cfg.FrameTimeout = 5 * time.Second
+	}
+	if cfg.PingInterval <= 0 {
+		cfg.PingInterval = time.Second
+	}
+	if cfg.DialTimeout <= 0 {
+		cfg.DialTimeout = cfg.FrameTimeout
+	}
+	if cfg.ZeroCopyMin == 0 {
+		cfg.ZeroCopyMin = 64 << 10
+	}
+	if cfg.BackoffMin <= 0 {
+		cfg.BackoffMin = 50 * time.Millisecond
+	}
+	if cfg.BackoffMax < cfg.BackoffMin {
+		cfg.BackoffMax = max(5*time.Second, cfg.BackoffMin)
+	}
+	if cfg.Dial == nil {
+		var d net.Dialer
+		cfg.Dial = d.DialContext
+	}
+	if cfg.Fence == nil {
+		cfg.Fence = NewFence(nil)
+	}
+	if cfg.Metrics == nil {
+		cfg.Metrics = NewMetrics(nil)
+	}
+	log := cfg.Logger
+	if log == nil {
+		log = slog.New(slog.DiscardHandler)
+	}
+	p := &Peer{
+		cfg:      cfg,
+		log:      log.With("peer", cfg.Node, "addr", cfg.Addr),
+		m:        cfg.Metrics.peer(cfg.Node),
+		fence:    cfg.Fence,
+		upCh:     make(chan struct{}),
+		loopDone: make(chan struct{}),
+	}
+	p.ctx, p.cancel = context.WithCancel(context.Background())
+	go p.loop()
+	return p
+}
+
+// Node is the peer's node id.
+func (p *Peer) Node() uint64 { return p.cfg.Node }
+
+// Fence is the fence table the Peer reports stale epochs to.
+func (p *Peer) Fence() *Fence { return p.fence }
+
+// Up reports whether a stream to the peer is up now.
+func (p *Peer) Up() bool { return p.cur.Load() != nil }
+
+// WaitUp waits until a stream is up, ctx is done or the Peer is closed.
+func (p *Peer) WaitUp(ctx context.Context) error {
+	for {
+		p.mu.Lock()
+		ch := p.upCh
+		p.mu.Unlock()
+		select {
+		case <-ch:
+			if p.Up() {
+				return nil
+			}
+		case <-ctx.Done():
+			return ctx.Err()
+		case <-p.ctx.Done():
+			return ErrClosed
+		}
+	}
+}
+
+// Close stops the Peer: the stream is closed, unfinished frames fail with
+// ErrClosed, and no more connections are made. It waits for the stream's
+// goroutines to end. OnPeerLost is not called for a Close.
+func (p *Peer) Close() error {
+	p.cancel()
+	if st := p.cur.Load(); st != nil {
+		st.fail(ErrClosed)
+	}
+	<-p.loopDone
+	return nil
+}
+
+// Send replicates req to the peer and waits for its answer: Fanout to one
+// peer.
+func (p *Peer) Send(ctx context.Context, req *Request) error {
+	var res [1]error
+	peers := [1]*Peer{p}
+	return Fanout(ctx, peers[:], req, res[:])
+}
+
+// Submit sends op.Req to the peer and returns without waiting; op.Done is
+// called exactly once with the outcome (possibly before Submit returns,
+// when the op is refused at once). ctx bounds only the wait for window
+// space. op.Req.Payload is borrowed until Done.
+func (p *Peer) Submit(ctx context.Context, op *Op) {
+	if err := op.Req.check(); err != nil {
+		op.finish(err)
+		return
+	}
+	op.hasCRC = false
+	p.submit(ctx, op)
+}
+
+func (p *Peer) submit(ctx context.Context, op *Op) {
+	if p.ctx.Err() != nil {
+		op.finish(ErrClosed)
+		return
+	}
+	if e := p.fence.Epoch(op.Req.Volume); op.Req.Epoch < e {
+		p.m.error("fenced")
+		op.finish(&NackError{Peer: p.cfg.Node, Volume: op.Req.Volume, Type: op.Req.Type,
+			Reason: replproto.ReasonStaleEpoch, Epoch: e})
+		return
+	}
+	st := p.cur.Load()
+	if st == nil {
+		p.m.error("down")
+		op.finish(fmt.Errorf("%w: peer %d at %s", ErrPeerDown, p.cfg.Node, p.cfg.Addr))
+		return
+	}
+	st.submit(ctx, op)
+}
+
+// loop keeps a stream up until Close: connect, run, report the loss, back
+// off, reconnect.
+func (p *Peer) loop() {
+	defer close(p.loopDone)
+	bo := backoff{min: p.cfg.BackoffMin, max: p.cfg.BackoffMax}
+	failures := 0
+	for p.ctx.Err() == nil {
+		st, err := p.connect()
+		if err != nil {
+			if p.ctx.Err() != nil {
+				return
+			}
+			failures++
+			if failures == 1 {
+				p.log.Warn("replication stream: cannot connect; retrying with backoff", "err", err)
+			} else {
+				p.log.Debug("replication stream: connect failed", "err", err, "attempt", failures)
+			}
+			if !p.sleep(bo.next()) {
+				return
+			}
+			continue
+		}
+		failures = 0
+		upAt := time.Now()
+		p.publish(st)
+		if p.ctx.Err() != nil { // Close raced with publishing: it may not have seen st
+			st.fail(ErrClosed)
+		}
+		cause := st.run()
+		p.unpublish()
+		closed := p.ctx.Err() != nil
+		lost := &StreamError{Peer: p.cfg.Node, Err: cause}
+		if closed {
+			st.failAll(ErrClosed)
+			return
+		}
+		p.m.error(lossReason(cause))
+		p.log.Warn("replication stream lost", "err", cause, "up_for", time.Since(upAt).Round(time.Millisecond))
+		if p.cfg.OnPeerLost != nil {
+			p.cfg.OnPeerLost(Loss{Peer: p.cfg.Node, Err: lost})
+		}
+		st.failAll(lost)
+		if time.Since(upAt) > bo.max {
+			bo.reset() // it was up for a good while: this is not a flapping link
+		}
+		if !p.sleep(bo.next()) {
+			return
+		}
+	}
+}
+
+func lossReason(err error) string {
+	switch {
+	case errors.Is(err, ErrTimeout):
+		return "timeout"
+	case errors.Is(err, ErrProtocol):
+		return "protocol"
+	}
+	return "stream"
+}
+
+func (p *Peer) sleep(d time.Duration) bool {
+	t := time.NewTimer(d)
+	defer t.Stop()
+	select {
+	case <-t.C:
+		return true
+	case <-p.ctx.Done():
+		return false
+	}
+}
+
+func (p *Peer) publish(st *stream) {
+	p.cur.Store(st)
+	p.m.up.Set(1)
+	p.m.connects.Inc()
+	p.mu.Lock()
+	close(p.upCh)
+	p.mu.Unlock()
+}
+
+func (p *Peer) unpublish() {
+	p.cur.Store(nil)
+	p.m.up.Set(0)
+	p.mu.Lock()
+	p.upCh = make(chan struct{})
+	p.mu.Unlock()
+}
+
+// connect dials the peer and runs the handshake: HELLO, then HELLO_ACK
+// naming the node we meant to reach.
+func (p *Peer) connect() (*stream, error) {
+	ctx, cancel := context.WithTimeout(p.ctx, p.cfg.DialTimeout)
+	defer cancel()
+	conn, err := p.cfg.Dial(ctx, "tcp", p.cfg.Addr)
+	if err != nil {
+		p.m.error("dial")
+		return nil, fmt.Errorf("dial %s: %w", p.cfg.Addr, err)
+	}
+	stop := context.AfterFunc(ctx, func() { conn.Close() })
+	defer stop()
+	if err := p.handshake(conn); err != nil {
+		p.m.error("handshake")
+		conn.Close()
+		return nil, err
+	}
+	if !stop() { // the deadline or Close fired: conn is closed
+		return nil, ctx.Err()
+	}
+	return newStream(p, conn), nil
+}
+
+func (p *Peer) handshake(conn net.Conn) error {
+	deadline := time.Now().Add(p.cfg.FrameTimeout)
+	conn.SetDeadline(deadline)
+	var b [replproto.HeaderSize]byte
+	hello := replproto.Header{Type: replproto.TypeHello, Aux: p.cfg.Self, Offset: p.cfg.Node}
+	hello.Encode(&b)
+	if _, err := conn.Write(b[:]); err != nil {
+		return fmt.Errorf("handshake with %s: %w", p.cfg.Addr, err)
+	}
+	if _, err := io.ReadFull(conn, b[:]); err != nil {
+		return fmt.Errorf("handshake with %s: %w", p.cfg.Addr, err)
+	}
+	var h replproto.Header
+	if err := h.Decode(&b); err != nil {
+		return fmt.Errorf("handshake with %s: %w: %w", p.cfg.Addr, ErrProtocol, err)
+	}
+	switch {
+	case h.Type == replproto.TypeNack:
+		return fmt.Errorf("handshake with %s: %w", p.cfg.Addr, &NackError{Peer: p.cfg.Node, Type: replproto.TypeHello, Reason: h.Code})
+	case h.Type != replproto.TypeHelloAck:
+		return fmt.Errorf("handshake with %s: %w: answered HELLO with %s", p.cfg.Addr, ErrProtocol, h.Type)
+	case p.cfg.Node != 0 && h.Aux != p.cfg.Node:
+		return fmt.Errorf("handshake with %s: %w: reached node %d, want %d", p.cfg.Addr, ErrProtocol, h.Aux, p.cfg.Node)
+	}
+	conn.SetDeadline(time.Time{})
+	return nil
+}
+
+// zcPollInterval bounds how long the completion goroutine blocks in poll
+// before it rechecks whether the stream has ended.
+const zcPollInterval = 100 * time.Millisecond
+
+// maxBatch bounds the frames one writev carries.
+const maxBatch = 64
+
+// stream is one connection to the peer, from handshake to failure. It
+// runs three goroutines: the sender (the only writer of the socket, which
+// also runs the deadline watchdog and the pings), the receiver (ACK, NACK,
+// PONG) and, when MSG_ZEROCOPY is on, the completion reaper.
+type stream struct {
+	p    *Peer
+	conn net.Conn
+	rc   syscall.RawConn // nil unless TCP
+	base time.Time       // clock origin for queued times and pings
+
+	timeout, pingEvery int64 // nanoseconds
+	zcMin              int
+	zcOn               bool
+
+	queue chan *Op      // admitted ops in sequence order; capacity = window frames
+	dead  chan struct{} // closed by fail
+	space chan struct{} // capacity 1: poked when the window frees
+
+	mu      sync.Mutex // guards following
+	err     error      // the cause of failure; set once
+	win     window
+	zc      zcTracker
+	pingOut bool  // a PING awaits its PONG
+	pingAt  int64 // when the last PING was sent
+
+	wg sync.WaitGroup
+
+	// Sender goroutine only.
+	batch []*Op
+	iov   [][]byte
+	wbufs net.Buffers
+	ping  [replproto.HeaderSize]byte
+	zsys  zcSys
+
+	// Receiver goroutine only.
+	br   *bufio.Reader
+	rhdr [replproto.HeaderSize]byte
+	rh   replproto.Header
+
+	// Completion goroutine only.
+	zdone []*Op
+	// Sender goroutine only.
+	sdone []*Op
+}
+
+func newStream(p *Peer, conn net.Conn) *stream {
+	st := &stream{
+		p:         p,
+		conn:      conn,
+		base:      time.Now(),
+		timeout:   int64(p.cfg.FrameTimeout),
+		pingEvery: int64(p.cfg.PingInterval),
+		zcMin:     p.cfg.ZeroCopyMin,
+		queue:     make(chan *Op, p.cfg.WindowFrames),
+		dead:      make(chan struct{}),
+		space:     make(chan struct{}, 1),
+		win:       newWindow(p.cfg.WindowFrames, p.cfg.WindowBytes),
+		batch:     make([]*Op, 0, maxBatch),
+		iov:       make([][]byte, 0, 2*maxBatch),
+		br:        bufio.NewReaderSize(conn, 64<<10),
+	}
+	st.zsys.init()
+	if sc, ok := conn.(syscall.Conn); ok {
+		if rc, err := sc.SyscallConn(); err == nil {
+			st.rc = rc
+		}
+	}
+	if st.zcMin > 0 && st.rc != nil && zcSupported {
+		if err := enableZeroCopy(st.rc); err != nil {
+			p.m.fallback("unsupported")
+			p.log.Info("MSG_ZEROCOPY unavailable on the replication stream: large frames use writev", "err", err)
+		} else {
+			st.zcOn = true
+		}
+	}
+	return st
+}
+
+func (st *stream) now() int64 { return int64(time.Since(st.base)) }
+
+// run starts the stream's goroutines and returns the cause of its failure
+// once they have all ended (the socket is closed by then).
+func (st *stream) run() error {
+	st.wg.Add(2)
+	go st.sendLoop()
+	go st.recvLoop()
+	if st.zcOn {
+		st.wg.Add(1)
+		go st.reapLoop()
+	}
+	<-st.dead
+	st.wg.Wait()
+	st.mu.Lock()
+	defer st.mu.Unlock()
+	return st.err
+}
+
+// fail ends the stream with cause err (the first cause wins): it wakes
+// every goroutine and waiter and aborts the connection. With SO_LINGER 0
+// the close resets the connection and the kernel drops its send queue, so
+// it holds no more references to payload pages that were sent zero-copy.
+func (st *stream) fail(err error) {
+	st.mu.Lock()
+	if st.err != nil {
+		st.mu.Unlock()
+		return
+	}
+	st.err = err
+	st.mu.Unlock()
+	close(st.dead)
+	if tc, ok := st.conn.(*net.TCPConn); ok {
+		tc.SetLinger(0)
+	}
+	st.conn.Close()
+}
+
+// failAll finishes every op left in the window once the goroutines have
+// ended: those answered keep their answer (an ACK stays a success even if
+// its zero-copy completion never came: the socket is closed, the kernel is
+// done with the pages), the others fail with err.
+func (st *stream) failAll(err error) {
+	st.mu.Lock()
+	ops := st.win.Drain(nil)
+	st.zc.queue, st.zc.head = nil, 0
+	st.mu.Unlock()
+	for _, op := range ops {
+		st.p.m.inflightFrames.Dec()
+		st.p.m.inflightBytes.Sub(float64(op.bytes))
+		if op.acked {
+			op.finish(op.err)
+		} else {
+			op.finish(err)
+		}
+	}
+}
+
+// submit admits op to the window, waiting for space, and queues it for the
+// sender.
+func (st *stream) submit(ctx context.Context, op *Op) {
+	n := 0
+	if op.Req.Type.HasPayload() {
+		n = len(op.Req.Payload)
+		if !op.hasCRC {
+			op.crc, op.hasCRC = replproto.PayloadCRC(op.Req.Payload), true
+		}
+	}
+	op.acked, op.zcPending = false, false
+	for {
+		st.mu.Lock()
+		if st.err != nil {
+			err := st.err
+			st.mu.Unlock()
+			op.finish(&StreamError{Peer: st.p.cfg.Node, Err: err})
+			return
+		}
+		if st.win.fits(n) {
+			st.win.Add(op, n)
+			op.queued = st.now()
+			more := !st.win.Full()
+			st.queue <- op // never blocks: the window holds at most cap(queue) ops
+			st.mu.Unlock()
+			st.p.m.inflightFrames.Inc()
+			st.p.m.inflightBytes.Add(float64(n))
+			if more {
+				st.poke()
+			}
+			return
+		}
+		st.mu.Unlock()
+		select {
+		case <-st.space:
+		case <-st.dead:
+		case <-ctx.Done():
+			op.finish(ctx.Err())
+			return
+		}
+	}
+}
+
+func (st *stream) poke() {
+	select {
+	case st.space <- struct{}{}:
+	default:
+	}
+}
+
+// freeLocked removes a finished op from the window. REQUIRES: st.mu.
+func (st *stream) freeLocked(op *Op) {
+	st.win.Free(op.seq)
+	st.poke()
+}
+
+// finish reports a finished op; called without st.mu, after freeLocked.
+func (st *stream) finish(op *Op) {
+	st.p.m.inflightFrames.Dec()
+	st.p.m.inflightBytes.Sub(float64(op.bytes))
+	st.p.m.frame.Observe(float64(st.now()-op.queued) / 1e9)
+	op.finish(op.err)
+}
+
+func (st *stream) sendLoop() {
+	defer st.wg.Done()
+	every := min(st.pingEvery, st.timeout/4)
+	tick := time.NewTicker(time.Duration(max(every, int64(time.Millisecond))))
+	defer tick.Stop()
+	for {
+		select {
+		case op := <-st.queue:
+			if err := st.sendBatch(op); err != nil {
+				st.fail(err)
+				return
+			}
+		case <-tick.C:
+			if err := st.watchdog(); err != nil {
+				st.fail(err)
+				return
+			}
+		case <-st.dead:
+			return
+		}
+	}
+}
+
+// sendBatch writes first and whatever else is queued: small frames
+// together with one writev straight from the callers' buffers, large ones
+// with MSG_ZEROCOPY. After a frame's last byte is handed to the kernel the
+// sender does not touch the op again (its ACK may finish it at once),
+// except a zero-copy op, which stays pending until its completion.
+func (st *stream) sendBatch(first *Op) error {
+	batch := append(st.batch[:0], first)
+drain:
+	for len(batch) < maxBatch {
+		select {
+		case op := <-st.queue:
+			batch = append(batch, op)
+		default:
+			break drain
+		}
+	}
+	if err := st.conn.SetWriteDeadline(time.Now().Add(time.Duration(st.timeout))); err != nil {
+		return err
+	}
+	iov := st.iov[:0]
+	var frames, wire, payload, copied int
+	for _, op := range batch {
+		r := &op.Req
+		h := replproto.Header{Type: r.Type, Flags: r.Flags, Volume: r.Volume, Epoch: r.Epoch,
+			Seq: op.seq, Offset: r.Offset, Length: r.length(), PayloadCRC: op.crc}
+		h.Encode(&op.hdr)
+		var p []byte
+		if r.Type.HasPayload() {
+			p = r.Payload
+		}
+		if st.zcOn && len(p) >= st.zcMin {
+			if len(iov) > 0 {
+				if err := st.writev(iov); err != nil {
+					return err
+				}
+				iov = iov[:0]
+			}
+			if err := st.sendZeroCopy(op, p); err != nil {
+				return err
+			}
+			continue
+		}
+		iov = append(iov, op.hdr[:])
+		if len(p) > 0 {
+			iov = append(iov, p)
+		}
+		frames++
+		wire += replproto.HeaderSize + len(p)
+		payload += len(p)
+		copied += len(p)
+	}
+	if len(iov) > 0 {
+		if err := st.writev(iov); err != nil {
+			return err
+		}
+	}
+	clear(batch)
+	st.batch = batch[:0]
+	m := st.p.m
+	m.txFrames.Add(float64(frames))
+	m.txBytes.Add(float64(wire))
+	m.payload.Add(float64(payload))
+	m.kernelCopy.Add(float64(copied))
+	return nil
+}
+
+// writev writes the buffers with one vectored write (net.Buffers uses
+// writev on a TCP socket), then drops its references to them.
+func (st *stream) writev(iov [][]byte) error {
+	st.wbufs = iov
+	_, err := st.wbufs.WriteTo(st.conn)
+	clear(iov)
+	st.wbufs = nil
+	return err
+}
+
+// sendZeroCopy sends one frame with sendmsg(MSG_ZEROCOPY) and ledgers its
+// ids; on ENOBUFS (locked-memory or option-memory limit) the rest of the
+// frame goes with writev, counted as a fallback.
+func (st *stream) sendZeroCopy(op *Op, p []byte) error {
+	// Pending and ledgered before the first byte can reach the peer: its
+	// ACK, and even its completion, may be processed before this goroutine
+	// runs again.
+	st.mu.Lock()
+	op.zcPending = true
+	entry := st.zc.open(op)
+	st.mu.Unlock()
+
+	m := st.p.m
+	total := replproto.HeaderSize + len(p)
+	ids, off, zcBytes := 0, 0, 0
+	var err error
+	for off < total {
+		var n int
+		n, err = st.zsys.sendZeroCopy(st.rc, op.hdr[:], p, off)
+		if errNoBufs(err) {
+			err = nil
+			m.fallback("enobufs")
+			rest := st.iov[:0]
+			if off < replproto.HeaderSize {
+				rest = append(rest, op.hdr[off:], p)
+			} else {
+				rest = append(rest, p[off-replproto.HeaderSize:])
+			}
+			m.kernelCopy.Add(float64(total - max(off, replproto.HeaderSize)))
+			err = st.writev(rest)
+			break
+		}
+		if err != nil {
+			break
+		}
+		st.zc.next++
+		ids++
+		zcBytes += max(0, min(off+n, total)-max(off, replproto.HeaderSize))
+		off += n
+	}
+	m.zcSends.Add(float64(ids))
+	if err != nil {
+		// The stream fails; failAll finishes the op once the socket is gone.
+		st.mu.Lock()
+		st.zc.close(entry, ids, zcBytes)
+		st.mu.Unlock()
+		return err
+	}
+	m.txFrames.Inc()
+	m.txBytes.Add(float64(total))
+	m.payload.Add(float64(len(p)))
+
+	st.mu.Lock()
+	if !st.zc.close(entry, ids, zcBytes) {
+		op.zcPending = false // nothing went zero-copy
+		if op.acked {
+			st.freeLocked(op)
+			st.sdone = append(st.sdone, op)
+		}
+	}
+	st.sdone = st.reapLocked(st.sdone) // completions that arrived while the entry was open
+	st.mu.Unlock()
+	st.finishAll(st.sdone)
+	st.sdone = st.sdone[:0]
+	return nil
+}
+
+// reapLocked pops the ledger entries whose ids have all completed, counts
+// their bytes as copied or not, and appends the ops that are now finished
+// (answered too) to done, freed from the window. REQUIRES: st.mu.
+func (st *stream) reapLocked(done []*Op) []*Op {
+	m := st.p.m
+	for {
+		e, ok := st.zc.popDone()
+		if !ok {
+			return done
+		}
+		if e.copied {
+			m.kernelCopy.Add(float64(e.bytes))
+		} else {
+			m.zcBytes.Add(float64(e.bytes))
+		}
+		e.op.zcPending = false
+		if e.op.acked {
+			st.freeLocked(e.op)
+			done = append(done, e.op)
+		}
+	}
+}
+
+// finishAll finishes ops collected under st.mu, then forgets them.
+func (st *stream) finishAll(ops []*Op) {
+	for i, op := range ops {
+		st.finish(op)
+		ops[i] = nil
+	}
+}
+
+// watchdog fails the stream when the oldest frame or a PING has gone
+// unanswered past the frame deadline (a cut link stalls TCP without an
+// error), and sends a PING when one is due.
+func (st *stream) watchdog() error {
+	now := st.now()
+	st.mu.Lock()
+	var oldest int64 = -1
+	if op := st.win.Oldest(); op != nil {
+		oldest = op.queued
+	}
+	pingOut, pingAt := st.pingOut, st.pingAt
+	st.mu.Unlock()
+	if oldest >= 0 && now-oldest > st.timeout {
+		return fmt.Errorf("%w: oldest frame unanswered for %v", ErrTimeout, time.Duration(now-oldest).Round(time.Millisecond))
+	}
+	if pingOut {
+		if now-pingAt > st.timeout {
+			return fmt.Errorf("%w: PING unanswered for %v", ErrTimeout, time.Duration(now-pingAt).Round(time.Millisecond))
+		}
+		return nil
+	}
+	if now-pingAt < st.pingEvery {
+		return nil
+	}
+	st.mu.Lock()
+	st.pingOut, st.pingAt = true, now
+	st.mu.Unlock()
+	h := replproto.Header{Type: replproto.TypePing, Aux: uint64(now)}
+	h.Encode(&st.ping)
+	if err := st.conn.SetWriteDeadline(time.Now().Add(time.Duration(st.timeout))); err != nil {
+		return err
+	}
+	_, err := st.conn.Write(st.ping[:])
+	return err
+}
+
+func (st *stream) recvLoop() {
+	defer st.wg.Done()
+	for {
+		if _, err := io.ReadFull(st.br, st.rhdr[:]); err != nil {
+			st.fail(err)
+			return
+		}
+		h := &st.rh
+		if err := h.Decode(&st.rhdr); err != nil {
+			st.fail(fmt.Errorf("%w: %w", ErrProtocol, err))
+			return
+		}
+		switch h.Type {
+		case replproto.TypeAck, replproto.TypeNack:
+			if err := st.answer(h); err != nil {
+				st.fail(err)
+				return
+			}
+		case replproto.TypePong:
+			now := st.now()
+			st.mu.Lock()
+			match := st.pingOut && uint64(st.pingAt) == h.Aux
+			if match {
+				st.pingOut = false
+			}
+			st.mu.Unlock()
+			if match {
+				st.p.m.rtt.Observe(float64(now-int64(h.Aux)) / 1e9)
+			}
+		default:
+			st.fail(fmt.Errorf("%w: peer sent %s", ErrProtocol, h.Type))
+			return
+		}
+	}
+}
+
+// answer applies an ACK or NACK to its op.
+func (st *stream) answer(h *replproto.Header) error {
+	st.mu.Lock()
+	op := st.win.Get(h.Seq)
+	if op == nil || op.acked || op.Req.Volume != h.Volume {
+		st.mu.Unlock()
+		return fmt.Errorf("%w: %s for no frame in flight", ErrProtocol, h)
+	}
+	op.acked = true
+	var nack *NackError
+	if h.Type == replproto.TypeNack {
+		nack = &NackError{Peer: st.p.cfg.Node, Volume: h.Volume, Seq: h.Seq, Type: op.Req.Type, Reason: h.Code}
+		switch h.Code {
+		case replproto.ReasonStaleEpoch:
+			nack.Epoch = h.Epoch
+		case replproto.ReasonIO, replproto.ReasonInvalid:
+			nack.Errno = syscall.Errno(h.Aux)
+		}
+		op.err = nack
+	} else {
+		op.err = nil
+	}
+	done := !op.zcPending
+	if done {
+		st.freeLocked(op)
+	}
+	st.mu.Unlock()
+	if nack != nil {
+		st.nacked(nack)
+	}
+	if done {
+		st.finish(op)
+	}
+	return nil
+}
+
+// nacked acts on a refusal before the op is finished, so that its caller
+// already sees the volume fenced or the loss reported.
+func (st *stream) nacked(e *NackError) {
+	p := st.p
+	if e.Reason == replproto.ReasonStaleEpoch {
+		p.m.error("stale_epoch")
+		if p.fence.Observe(e.Volume, e.Epoch) {
+			p.log.Warn("replica has a newer epoch: volume fenced", "volume", e.Volume, "replica_epoch", e.Epoch)
+		}
+		return
+	}
+	p.m.error(nackMetric(e.Reason))
+	p.log.Warn("replica refused a frame", "volume", e.Volume, "err", e)
+	if p.cfg.OnPeerLost != nil {
+		p.cfg.OnPeerLost(Loss{Peer: p.cfg.Node, Volume: e.Volume, Err: e})
+	}
+}
+
+func nackMetric(r replproto.Reason) string {
+	switch r {
+	case replproto.ReasonIO:
+		return "io"
+	case replproto.ReasonUnknownVolume:
+		return "unknown_volume"
+	case replproto.ReasonBadChecksum:
+		return "bad_checksum"
+	case replproto.ReasonInvalid:
+		return "invalid"
+	}
+	return "refused"
+}
+
+// reapLoop collects MSG_ZEROCOPY completions from the socket's error queue
+// and finishes the frames that were waiting only for them.
+func (st *stream) reapLoop() {
+	defer st.wg.Done()
+	m := st.p.m
+	var idle *time.Timer
+	for {
+		select {
+		case <-st.dead:
+			return
+		default:
+		}
+		if err := st.zsys.poll(st.rc); err != nil {
+			return // the socket is closed
+		}
+		st.mu.Lock()
+		for _, n := range st.zsys.notes {
+			c := st.zc.complete(n.lo, n.hi, n.copied)
+			if n.copied {
+				m.zcCopied.Add(float64(c))
+			}
+		}
+		st.zdone = st.reapLocked(st.zdone[:0])
+		st.mu.Unlock()
+		st.finishAll(st.zdone)
+		if st.zsys.hup {
+			// An error or hang-up with no notification: the receiver is
+			// about to fail the stream. Do not spin on it.
+			if idle == nil {
+				idle = time.NewTimer(10 * time.Millisecond)
+			} else {
+				idle.Reset(10 * time.Millisecond)
+			}
+			select {
+			case <-st.dead:
+				return
+			case <-idle.C:
+			}
+		}
+	}
+}

@@ -1,0 +1,728 @@
+package repl
+
+import (
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"math"
+	"net"
+	"strconv"
+	"sync"
+	"syscall"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+
+	"keel/datapath/iobuf"
+	"keel/netpath/replproto"
+)
+
+// Applier is what a replica needs from the node: its replicas, addressed by
+// the coordinator's volume id. The node implements it around its volumes.
+// Its methods are called concurrently (disjoint ranges of one volume too)
+// and must be safe for that; the Server has already ordered overlapping
+// frames.
+type Applier interface {
+	// Epoch returns the highest epoch durably recorded for vol. It returns
+	// an error wrapping ErrUnknownVolume when vol has no replica here. It
+	// is called for every frame, so it should be cheap (a memory read).
+	Epoch(vol uint64) (uint64, error)
+	// ApplyEpoch durably records e as vol's highest epoch seen (e.g. in the
+	// superblock, with fdatasync) before it returns. The Server calls it
+	// before acknowledging anything at e, and only once every frame of an
+	// older epoch that it accepted has been answered.
+	ApplyEpoch(vol uint64, e uint64) error
+	// WriteAt writes p at off; with fua, p is on stable storage when it
+	// returns. p is borrowed for the call (an aligned iobuf buffer).
+	WriteAt(vol uint64, p []byte, off int64, fua bool) error
+	// Trim discards [off, off+length); reads of it may return zeroes.
+	Trim(vol uint64, off, length int64, fua bool) error
+	// WriteZeroes zeroes [off, off+length); noHole forbids deallocating.
+	WriteZeroes(vol uint64, off, length int64, noHole, fua bool) error
+	// Flush makes every write that has returned durable.
+	Flush(vol uint64) error
+}
+
+// ServerConfig configures the replica side.
+type ServerConfig struct {
+	// Node is this node's id: a HELLO naming another node is refused, and
+	// HELLO_ACK carries it.
+	Node    uint64
+	Applier Applier
+	// Workers is how many frames are applied at once, across all streams
+	// and volumes. Default 32.
+	Workers int
+	// StreamFrames and StreamBytes bound what one stream may have received
+	// and not yet answered; past them the server stops reading the stream
+	// (TCP pushes back on the primary). Defaults 512 and 128 MiB.
+	StreamFrames int
+	StreamBytes  int64
+	// IdleTimeout closes a stream that sends nothing, not even a PING, for
+	// that long (the primary pings every second). Default 15 s.
+	IdleTimeout time.Duration
+	// WriteTimeout bounds writing replies. Default 5 s.
+	WriteTimeout time.Duration
+	Metrics      *Metrics
+	Logger       *slog.Logger
+}
+
+// Server is the replica side: it accepts replication streams from primary
+// nodes and applies their frames through the Applier, in the order
+// invariant 3 asks for, fenced by epoch, answering each frame with ACK or
+// NACK. A malformed frame closes only its own stream; a corrupt payload gets
+// a NACK for that frame only.
+//
+// All methods are safe for concurrent use.
+type Server struct {
+	cfg ServerConfig
+	app Applier
+	log *slog.Logger
+	m   *Metrics
+
+	ack, nack         prometheus.Counter
+	applyTime         [replproto.TypeRemirrorWrite + 1]prometheus.Observer
+	workers, inflight sync.WaitGroup
+	streamWG          sync.WaitGroup
+
+	mu        sync.Mutex // guards following
+	vols      map[uint64]*volState
+	streams   map[*sconn]struct{}
+	listeners map[net.Listener]struct{}
+	closed    bool
+
+	qmu     sync.Mutex // guards ready, qhead and qclosed
+	qcond   sync.Cond
+	ready   []*sframe
+	qhead   int
+	qclosed bool
+}
+
+// NewServer starts the apply workers and returns the Server; streams come
+// from Serve or ServeConn.
+func NewServer(cfg ServerConfig) *Server {
+	if cfg.Applier == nil {
+		panic("repl: NewServer without an Applier")
+	}
+	if cfg.Workers <= 0 {
+		cfg.Workers = 32
+	}
+	if cfg.StreamFrames <= 0 {
+		cfg.StreamFrames = 512
+	}
+	if cfg.StreamBytes <= 0 {
+		cfg.StreamBytes = 128 << 20
+	}
+	if cfg.IdleTimeout <= 0 {
+		cfg.IdleTimeout = 15 * time.Second
+	}
+	if cfg.WriteTimeout <= 0 {
+		cfg.WriteTimeout = 5 * time.Second
+	}
+	if cfg.Metrics == nil {
+		cfg.Metrics = NewMetrics(nil)
+	}
+	log := cfg.Logger
+	if log == nil {
+		log = slog.New(slog.DiscardHandler)
+	}
+	s := &Server{
+		cfg: cfg, app: cfg.Applier, log: log, m: cfg.Metrics,
+		ack: cfg.Metrics.srvFrames.WithLabelValues("ack"), nack: cfg.Metrics.srvFrames.WithLabelValues("nack"),
+		vols:      make(map[uint64]*volState),
+		streams:   make(map[*sconn]struct{}),
+		listeners: make(map[net.Listener]struct{}),
+	}
+	for _, t := range []replproto.Type{replproto.TypeWrite, replproto.TypeTrim, replproto.TypeZeroes, replproto.TypeFlush} {
+		s.applyTime[t] = cfg.Metrics.srvApply.WithLabelValues(t.String())
+	}
+	s.qcond.L = &s.qmu
+	s.workers.Add(cfg.Workers)
+	for range cfg.Workers {
+		go s.worker()
+	}
+	return s
+}
+
+// Serve accepts streams on l until l fails or the Server is closed; it
+// closes l when it returns. The node passes a listener from netpath/sock
+// pinned to the replication network.
+func (s *Server) Serve(l net.Listener) error {
+	s.mu.Lock()
+	if s.closed {
+		s.mu.Unlock()
+		l.Close()
+		return ErrClosed
+	}
+	s.listeners[l] = struct{}{}
+	s.mu.Unlock()
+	defer func() {
+		s.mu.Lock()
+		delete(s.listeners, l)
+		s.mu.Unlock()
+		l.Close()
+	}()
+	for {
+		c, err := l.Accept()
+		if err != nil {
+			s.mu.Lock()
+			closed := s.closed
+			s.mu.Unlock()
+			if closed {
+				return ErrClosed
+			}
+			var ne net.Error
+			if errors.As(err, &ne) && ne.Timeout() {
+				continue
+			}
+			return err
+		}
+		go s.ServeConn(c)
+	}
+}
+
+// ServeConn serves one stream on c until it ends, then closes c. It
+// returns the reason the stream ended (io.EOF when the primary closed it).
+func (s *Server) ServeConn(c net.Conn) error {
+	sc := &sconn{
+		s: s, conn: c,
+		replies:    make(chan [replproto.HeaderSize]byte, s.cfg.StreamFrames+16),
+		dead:       make(chan struct{}),
+		writerDone: make(chan struct{}),
+		wbuf:       make([]byte, 0, maxBatch*replproto.HeaderSize),
+	}
+	sc.cond.L = &sc.mu
+	s.mu.Lock()
+	if s.closed {
+		s.mu.Unlock()
+		c.Close()
+		return ErrClosed
+	}
+	s.streams[sc] = struct{}{}
+	s.streamWG.Add(1)
+	s.mu.Unlock()
+	s.m.srvStreams.Inc()
+	defer func() {
+		s.m.srvStreams.Dec()
+		s.mu.Lock()
+		delete(s.streams, sc)
+		s.mu.Unlock()
+		s.streamWG.Done()
+	}()
+
+	if err := sc.handshake(); err != nil {
+		sc.shutdown()
+		close(sc.writerDone)
+		s.log.Warn("replication stream refused", "remote", c.RemoteAddr().String(), "err", err)
+		return err
+	}
+	go sc.writeLoop()
+	err := sc.readLoop()
+	sc.shutdown()
+	<-sc.writerDone
+	if errors.Is(err, io.EOF) {
+		s.log.Debug("replication stream closed by primary", "primary", sc.primary)
+	} else {
+		s.log.Warn("replication stream closed", "primary", sc.primary, "err", err)
+	}
+	return err
+}
+
+// Close stops accepting, closes every stream, waits for the frames being
+// applied to finish and stops the workers.
+func (s *Server) Close() error {
+	s.mu.Lock()
+	if s.closed {
+		s.mu.Unlock()
+		return nil
+	}
+	s.closed = true
+	for l := range s.listeners {
+		l.Close()
+	}
+	for sc := range s.streams {
+		sc.shutdown()
+	}
+	s.mu.Unlock()
+	s.streamWG.Wait()
+	s.inflight.Wait()
+	s.qmu.Lock()
+	s.qclosed = true
+	s.qcond.Broadcast()
+	s.qmu.Unlock()
+	s.workers.Wait()
+	return nil
+}
+
+// RaiseEpoch durably raises vol's epoch to e in stream order: it waits for
+// the frames already accepted at older epochs to be answered, persists e
+// through the Applier, and from then on refuses frames below e. The node
+// calls it when the coordinator announces a new epoch to this replica. A
+// raise to an epoch already reached does nothing.
+func (s *Server) RaiseEpoch(vol, e uint64) error {
+	durable, err := s.app.Epoch(vol)
+	if err != nil {
+		return err
+	}
+	vs, err := s.volume(vol, durable)
+	if err != nil {
+		return err
+	}
+	f := getFrame()
+	f.kind, f.h.Volume, f.h.Epoch = kindRaise, vol, e
+	f.raiseDone = make(chan error, 1)
+	done := f.raiseDone
+	s.inflight.Add(1)
+	ready, v, _, _ := vs.register(f, nil, durable, nil)
+	switch v {
+	case noop:
+		s.inflight.Done()
+		putFrame(f)
+		return nil
+	case refusedBroken:
+		s.inflight.Done()
+		putFrame(f)
+		return fmt.Errorf("repl: volume %d: %w", vol, vs.brokenErr())
+	}
+	s.push(ready)
+	return <-done
+}
+
+// Forget drops the server's state for vol (its ordering and epoch cache,
+// and a failed epoch write that keeps it refusing frames), so that the
+// next frame starts from the Applier's epoch again. It refuses while
+// frames of vol are in flight.
+func (s *Server) Forget(vol uint64) error {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	vs, ok := s.vols[vol]
+	if !ok {
+		return nil
+	}
+	vs.mu.Lock()
+	busy := len(vs.active)
+	vs.mu.Unlock()
+	if busy > 0 {
+		return fmt.Errorf("repl: volume %d has %d frames in flight", vol, busy)
+	}
+	delete(s.vols, vol)
+	return nil
+}
+
+func (vs *volState) brokenErr() error {
+	vs.mu.Lock()
+	defer vs.mu.Unlock()
+	return vs.broken
+}
+
+// volume returns vol's state, creating it at the Applier's epoch.
+func (s *Server) volume(vol, durable uint64) (*volState, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.closed {
+		return nil, ErrClosed
+	}
+	vs, ok := s.vols[vol]
+	if !ok {
+		vs = &volState{id: vol, epoch: durable, persisted: durable}
+		s.vols[vol] = vs
+	}
+	return vs, nil
+}
+
+// push queues frames for the workers.
+func (s *Server) push(fs []*sframe) {
+	if len(fs) == 0 {
+		return
+	}
+	s.qmu.Lock()
+	s.ready = append(s.ready, fs...)
+	if len(fs) == 1 {
+		s.qcond.Signal()
+	} else {
+		s.qcond.Broadcast()
+	}
+	s.qmu.Unlock()
+}
+
+// pop takes the oldest ready frame, waiting for one; nil once closed.
+func (s *Server) pop() *sframe {
+	s.qmu.Lock()
+	defer s.qmu.Unlock()
+	for s.qhead == len(s.ready) {
+		if s.qclosed {
+			return nil
+		}
+		s.qcond.Wait()
+	}
+	f := s.ready[s.qhead]
+	s.ready[s.qhead] = nil
+	s.qhead++
+	if s.qhead == len(s.ready) {
+		s.ready, s.qhead = s.ready[:0], 0
+	}
+	return f
+}
+
+func (s *Server) worker() {
+	defer s.workers.Done()
+	var scratch [16]*sframe
+	for {
+		f := s.pop()
+		if f == nil {
+			return
+		}
+		s.run(f, scratch[:0])
+	}
+}
+
+// run applies one frame whose dependencies are done, answers it, and
+// releases the frames that waited for it.
+func (s *Server) run(f *sframe, scratch []*sframe) {
+	vs := f.vs
+	if f.kind == kindRaise {
+		err := s.app.ApplyEpoch(vs.id, f.h.Epoch)
+		vs.raised(f.h.Epoch, err)
+		if err != nil {
+			s.log.Error("cannot persist a replica's epoch: refusing its frames", "volume", vs.id, "epoch", f.h.Epoch, "err", err)
+		}
+		if f.raiseDone != nil {
+			f.raiseDone <- err
+		}
+	} else {
+		r := s.apply(f)
+		if o := s.applyTime[f.h.Type]; o != nil {
+			o.Observe(time.Since(f.recv).Seconds())
+		}
+		f.sc.send(&r)
+	}
+	ready := vs.complete(f, scratch)
+	s.push(ready)
+	clear(ready)
+	if f.buf != nil {
+		f.buf.Release()
+	}
+	if f.sc != nil {
+		f.sc.release(f.credit)
+	}
+	putFrame(f)
+	s.inflight.Done()
+}
+
+// apply runs a data or flush frame through the Applier and returns the
+// reply.
+func (s *Server) apply(f *sframe) replproto.Header {
+	h := &f.h
+	durable, err := s.app.Epoch(h.Volume)
+	if err != nil {
+		reason, errno := nackReason(err)
+		return s.nackHeader(h, reason, 0, errno)
+	}
+	if v, cur := f.vs.admit(h.Epoch, durable); v != admitted {
+		if v == refusedStale {
+			return s.nackHeader(h, replproto.ReasonStaleEpoch, cur, 0)
+		}
+		return s.nackHeader(h, replproto.ReasonIO, cur, syscall.EIO)
+	}
+	vol, off, n, fua := h.Volume, int64(h.Offset), int64(h.Length), h.Flags&replproto.FlagFUA != 0
+	switch h.Type {
+	case replproto.TypeWrite:
+		err = s.app.WriteAt(vol, f.buf.Bytes(), off, fua)
+	case replproto.TypeTrim:
+		err = s.app.Trim(vol, off, n, fua)
+	case replproto.TypeZeroes:
+		err = s.app.WriteZeroes(vol, off, n, h.Flags&replproto.FlagNoHole != 0, fua)
+	case replproto.TypeFlush:
+		err = s.app.Flush(vol)
+	}
+	if err != nil {
+		reason, errno := nackReason(err)
+		s.log.Warn("replica failed a frame", "volume", vol, "type", h.Type.String(), "off", off, "len", n, "err", err)
+		return s.nackHeader(h, reason, h.Epoch, errno)
+	}
+	s.ack.Inc()
+	return replproto.Header{Type: replproto.TypeAck, Volume: vol, Epoch: h.Epoch, Seq: h.Seq}
+}
+
+func (s *Server) nackHeader(h *replproto.Header, reason replproto.Reason, epoch uint64, errno syscall.Errno) replproto.Header {
+	s.nack.Inc()
+	s.m.srvNacks.WithLabelValues(nackMetric(reason)).Inc()
+	return replproto.Header{Type: replproto.TypeNack, Volume: h.Volume, Epoch: epoch, Seq: h.Seq, Code: reason, Aux: uint64(errno)}
+}
+
+// dispatch registers a received frame with its volume and queues what can
+// run. It owns buf and the stream credit from here on.
+func (s *Server) dispatch(sc *sconn, h *replproto.Header, buf *iobuf.Buf, credit int) {
+	refuse := func(reason replproto.Reason, epoch uint64, errno syscall.Errno) {
+		r := s.nackHeader(h, reason, epoch, errno)
+		sc.send(&r)
+		if buf != nil {
+			buf.Release()
+		}
+		sc.release(credit)
+	}
+	switch {
+	case h.Type == replproto.TypeCatchupWrite, h.Type == replproto.TypeRemirrorWrite:
+		refuse(replproto.ReasonUnsupported, 0, 0)
+		return
+	case h.Type.HasRange() && h.Offset+uint64(h.Length) > math.MaxInt64:
+		refuse(replproto.ReasonInvalid, 0, syscall.EINVAL)
+		return
+	}
+	durable, err := s.app.Epoch(h.Volume)
+	if err != nil {
+		reason, errno := nackReason(err)
+		refuse(reason, 0, errno)
+		return
+	}
+	vs, err := s.volume(h.Volume, durable)
+	if err != nil {
+		refuse(replproto.ReasonShutdown, 0, 0)
+		return
+	}
+	f := getFrame()
+	f.h, f.buf, f.credit, f.sc, f.recv = *h, buf, credit, sc, time.Now()
+	f.kind = kindData
+	if h.Type == replproto.TypeFlush {
+		f.kind = kindFlush
+	} else {
+		f.lo, f.hi = h.Offset, h.Offset+uint64(h.Length)
+	}
+	raise := getFrame()
+	s.inflight.Add(2)
+	ready, v, cur, usedRaise := vs.register(f, raise, durable, sc.ready[:0])
+	if !usedRaise {
+		s.inflight.Done()
+		putFrame(raise)
+	}
+	switch v {
+	case refusedStale, refusedBroken:
+		s.inflight.Done()
+		f.buf = nil
+		putFrame(f)
+		if v == refusedStale {
+			refuse(replproto.ReasonStaleEpoch, cur, 0)
+		} else {
+			refuse(replproto.ReasonIO, cur, syscall.EIO)
+		}
+		return
+	}
+	s.push(ready)
+	clear(ready)
+	sc.ready = ready[:0]
+}
+
+// sconn is one replication stream on the replica. Its reader goroutine
+// (ServeConn's) reads frames and registers them; workers apply them and
+// queue replies; its writer goroutine writes the replies in batches.
+type sconn struct {
+	s          *Server
+	conn       net.Conn
+	primary    uint64 // the primary's node id, from HELLO
+	rx         prometheus.Counter
+	replies    chan [replproto.HeaderSize]byte
+	dead       chan struct{} // closed by shutdown
+	writerDone chan struct{}
+	deadOnce   sync.Once
+
+	mu     sync.Mutex // guards following (cond waits on it)
+	cond   sync.Cond
+	frames int   // frames received and not yet answered
+	bytes  int64 // their payload bytes
+	closed bool
+
+	// Reader only.
+	hdr   [replproto.HeaderSize]byte
+	h     replproto.Header
+	ready []*sframe
+
+	// Writer only.
+	wbuf []byte
+}
+
+// shutdown ends the stream: the reader and writer stop, replies still
+// being produced by workers are dropped.
+func (sc *sconn) shutdown() {
+	sc.deadOnce.Do(func() {
+		close(sc.dead)
+		sc.conn.Close()
+		sc.mu.Lock()
+		sc.closed = true
+		sc.cond.Broadcast()
+		sc.mu.Unlock()
+	})
+}
+
+// acquire takes stream credit for one frame of n payload bytes, waiting
+// while the stream is at its limits. false: the stream is shutting down.
+func (sc *sconn) acquire(n int) bool {
+	cfg := &sc.s.cfg
+	sc.mu.Lock()
+	defer sc.mu.Unlock()
+	for !sc.closed && (sc.frames >= cfg.StreamFrames || sc.frames > 0 && sc.bytes+int64(n) > cfg.StreamBytes) {
+		sc.cond.Wait()
+	}
+	if sc.closed {
+		return false
+	}
+	sc.frames++
+	sc.bytes += int64(n)
+	return true
+}
+
+func (sc *sconn) release(n int) {
+	sc.mu.Lock()
+	sc.frames--
+	sc.bytes -= int64(n)
+	sc.cond.Signal()
+	sc.mu.Unlock()
+}
+
+// send queues a reply for the writer; it is dropped once the stream has
+// ended.
+func (sc *sconn) send(h *replproto.Header) {
+	var b [replproto.HeaderSize]byte
+	h.Encode(&b)
+	select {
+	case sc.replies <- b:
+	case <-sc.dead:
+	}
+}
+
+// handshake reads HELLO and answers it directly (before the writer runs).
+func (sc *sconn) handshake() error {
+	s := sc.s
+	sc.conn.SetDeadline(time.Now().Add(s.cfg.IdleTimeout))
+	if _, err := io.ReadFull(sc.conn, sc.hdr[:]); err != nil {
+		return fmt.Errorf("reading HELLO: %w", err)
+	}
+	h := &sc.h
+	refuse := func(reason replproto.Reason, err error) error {
+		r := replproto.Header{Type: replproto.TypeNack, Code: reason}
+		var b [replproto.HeaderSize]byte
+		r.Encode(&b)
+		sc.conn.Write(b[:])
+		return err
+	}
+	if err := h.Decode(&sc.hdr); err != nil {
+		s.m.srvBad.WithLabelValues(malformedWhat(err)).Inc()
+		if errors.Is(err, replproto.ErrBadVersion) {
+			return refuse(replproto.ReasonVersion, err)
+		}
+		return fmt.Errorf("%w: %w", ErrProtocol, err)
+	}
+	if h.Type != replproto.TypeHello {
+		s.m.srvBad.WithLabelValues("unexpected_type").Inc()
+		return fmt.Errorf("%w: stream opened with %s, not HELLO", ErrProtocol, h.Type)
+	}
+	if h.Offset != 0 && h.Offset != s.cfg.Node {
+		return refuse(replproto.ReasonWrongNode, fmt.Errorf("%w: HELLO from node %d for node %d, this is %d", ErrRefused, h.Aux, h.Offset, s.cfg.Node))
+	}
+	sc.primary = h.Aux
+	sc.rx = s.m.srvRxBytes.WithLabelValues(strconv.FormatUint(sc.primary, 10))
+	r := replproto.Header{Type: replproto.TypeHelloAck, Aux: s.cfg.Node}
+	var b [replproto.HeaderSize]byte
+	r.Encode(&b)
+	if _, err := sc.conn.Write(b[:]); err != nil {
+		return err
+	}
+	sc.conn.SetDeadline(time.Time{})
+	return nil
+}
+
+// malformedWhat names a decode error for the malformed-stream metric.
+func malformedWhat(err error) string {
+	switch {
+	case errors.Is(err, replproto.ErrBadMagic):
+		return "bad_magic"
+	case errors.Is(err, replproto.ErrBadVersion):
+		return "bad_version"
+	case errors.Is(err, replproto.ErrHeaderChecksum):
+		return "header_checksum"
+	case errors.Is(err, replproto.ErrTooLarge):
+		return "oversize"
+	case errors.Is(err, replproto.ErrUnknownType):
+		return "unknown_type"
+	}
+	return "bad_field"
+}
+
+// readLoop reads frames until the stream ends. Payloads are read straight
+// from the socket into an aligned iobuf buffer: no intermediate copy.
+func (sc *sconn) readLoop() error {
+	s := sc.s
+	h := &sc.h
+	for {
+		sc.conn.SetReadDeadline(time.Now().Add(s.cfg.IdleTimeout))
+		if _, err := io.ReadFull(sc.conn, sc.hdr[:]); err != nil {
+			return err
+		}
+		if err := h.Decode(&sc.hdr); err != nil {
+			s.m.srvBad.WithLabelValues(malformedWhat(err)).Inc()
+			return fmt.Errorf("%w: %w", ErrProtocol, err)
+		}
+		sc.rx.Add(replproto.HeaderSize)
+		switch {
+		case h.Type == replproto.TypePing:
+			r := replproto.Header{Type: replproto.TypePong, Aux: h.Aux}
+			sc.send(&r)
+			continue
+		case !h.Type.Windowed():
+			s.m.srvBad.WithLabelValues("unexpected_type").Inc()
+			return fmt.Errorf("%w: primary sent %s", ErrProtocol, h.Type)
+		}
+		n := h.PayloadLen()
+		if !sc.acquire(n) {
+			return ErrClosed
+		}
+		var buf *iobuf.Buf
+		if h.Type.HasPayload() {
+			buf = iobuf.Get(n)
+			if _, err := io.ReadFull(sc.conn, buf.Bytes()); err != nil {
+				buf.Release()
+				sc.release(n)
+				return err
+			}
+			sc.rx.Add(float64(n))
+			if replproto.PayloadCRC(buf.Bytes()) != h.PayloadCRC {
+				buf.Release()
+				r := s.nackHeader(h, replproto.ReasonBadChecksum, 0, 0)
+				sc.send(&r)
+				sc.release(n)
+				s.log.Warn("replication payload checksum mismatch: frame refused", "primary", sc.primary, "frame", h.String())
+				continue
+			}
+		}
+		s.dispatch(sc, h, buf, n)
+	}
+}
+
+// writeLoop writes queued replies, batching those that are ready together
+// into one write.
+func (sc *sconn) writeLoop() {
+	defer close(sc.writerDone)
+	wt := sc.s.cfg.WriteTimeout
+	for {
+		var r [replproto.HeaderSize]byte
+		select {
+		case r = <-sc.replies:
+		case <-sc.dead:
+			return
+		}
+		b := append(sc.wbuf[:0], r[:]...)
+	more:
+		for len(b) < cap(b) {
+			select {
+			case r = <-sc.replies:
+				b = append(b, r[:]...)
+			default:
+				break more
+			}
+		}
+		sc.conn.SetWriteDeadline(time.Now().Add(wt))
+		if _, err := sc.conn.Write(b); err != nil {
+			sc.shutdown()
+			return
+		}
+	}
+}

@@ -1,0 +1,174 @@
+//go:build linux
+
+package repl
+
+import (
+	"errors"
+	"os"
+	"syscall"
+	"unsafe"
+
+	"golang.org/x/sys/unix"
+)
+
+// zcSys holds a stream's MSG_ZEROCOPY syscall state: preallocated message
+// headers, so that neither sending nor reaping completions allocates.
+// The sender goroutine owns the send half, the completion goroutine the
+// receive half.
+type zcSys struct {
+	// send half
+	msg     unix.Msghdr
+	iov     [2]unix.Iovec
+	sent    int
+	errno   syscall.Errno
+	writeFn func(fd uintptr) bool
+
+	// completion half
+	rmsg   unix.Msghdr
+	oob    [64]uint64 // control messages, 8-byte aligned
+	pfd    [1]unix.PollFd
+	ts     unix.Timespec
+	notes  []zcNote
+	hup    bool
+	pollFn func(fd uintptr)
+}
+
+// zcNote is one completion notification: ids lo..hi, copied or not.
+type zcNote struct {
+	lo, hi uint32
+	copied bool
+}
+
+const zcSupported = true
+
+// enableZeroCopy sets SO_ZEROCOPY on the socket. It fails on kernels or
+// sockets without MSG_ZEROCOPY; the stream then sends everything with writev.
+func enableZeroCopy(rc syscall.RawConn) error {
+	var serr error
+	if err := rc.Control(func(fd uintptr) {
+		serr = unix.SetsockoptInt(int(fd), unix.SOL_SOCKET, unix.SO_ZEROCOPY, 1)
+	}); err != nil {
+		return err
+	}
+	if serr != nil {
+		return os.NewSyscallError("setsockopt SO_ZEROCOPY", serr)
+	}
+	return nil
+}
+
+func (z *zcSys) init() {
+	z.writeFn = z.sendmsg
+	z.pollFn = z.reap
+	z.msg.Iov = &z.iov[0]
+	z.rmsg.Control = (*byte)(unsafe.Pointer(&z.oob[0]))
+	z.ts = unix.NsecToTimespec(int64(zcPollInterval))
+}
+
+// sendmsg is the RawConn.Write callback: one sendmsg(MSG_ZEROCOPY) of the
+// prepared iovecs. It returns false (wait for writability) on EAGAIN.
+func (z *zcSys) sendmsg(fd uintptr) bool {
+	for {
+		n, _, e := unix.Syscall(unix.SYS_SENDMSG, fd, uintptr(unsafe.Pointer(&z.msg)), unix.MSG_ZEROCOPY)
+		switch e {
+		case unix.EINTR:
+			continue
+		case unix.EAGAIN:
+			return false
+		case 0:
+			z.sent = int(n)
+		}
+		z.errno = e
+		return true
+	}
+}
+
+// sendZeroCopy sends the bytes of hdr and payload from offset off with one
+// sendmsg(MSG_ZEROCOPY), waiting for writability (and the write deadline)
+// as needed. It returns the bytes sent; n > 0 means the call took an id.
+func (z *zcSys) sendZeroCopy(rc syscall.RawConn, hdr, payload []byte, off int) (int, error) {
+	z.msg.Iovlen = 0
+	if off < len(hdr) {
+		z.iov[0].Base = &hdr[off]
+		z.iov[0].SetLen(len(hdr) - off)
+		z.iov[1].Base = &payload[0]
+		z.iov[1].SetLen(len(payload))
+		z.msg.Iovlen = 2
+	} else {
+		p := payload[off-len(hdr):]
+		z.iov[0].Base = &p[0]
+		z.iov[0].SetLen(len(p))
+		z.msg.Iovlen = 1
+	}
+	z.sent, z.errno = 0, 0
+	err := rc.Write(z.writeFn)
+	z.iov[0].Base, z.iov[1].Base = nil, nil
+	if err != nil {
+		return 0, err
+	}
+	if z.errno != 0 {
+		return 0, os.NewSyscallError("sendmsg MSG_ZEROCOPY", z.errno)
+	}
+	return z.sent, nil
+}
+
+// errNoBufs reports whether a zero-copy send failed for lack of locked
+// memory or option memory: the frame falls back to writev.
+func errNoBufs(err error) bool { return errors.Is(err, unix.ENOBUFS) }
+
+// poll waits up to zcPollInterval for the socket's error queue and reaps
+// every zero-copy completion on it into z.notes.
+func (z *zcSys) poll(rc syscall.RawConn) error {
+	z.notes, z.hup = z.notes[:0], false
+	return rc.Control(z.pollFn)
+}
+
+// reap is the RawConn.Control callback of poll. The Control reference keeps
+// the descriptor from being closed (and its number reused) while it runs.
+func (z *zcSys) reap(fd uintptr) {
+	z.pfd[0] = unix.PollFd{Fd: int32(fd)} // POLLERR and POLLHUP are always reported
+	n, err := unix.Ppoll(z.pfd[:], &z.ts, nil)
+	if err != nil || n == 0 {
+		return
+	}
+	for {
+		z.rmsg.Controllen = uint64(len(z.oob) * 8)
+		z.rmsg.Iov, z.rmsg.Iovlen = nil, 0
+		_, _, e := unix.Syscall(unix.SYS_RECVMSG, fd, uintptr(unsafe.Pointer(&z.rmsg)), unix.MSG_ERRQUEUE|unix.MSG_DONTWAIT)
+		if e == unix.EINTR {
+			continue
+		}
+		if e != 0 {
+			break // EAGAIN: the queue is empty
+		}
+		z.parse(int(z.rmsg.Controllen))
+	}
+	if len(z.notes) == 0 && z.pfd[0].Revents&(unix.POLLHUP|unix.POLLERR|unix.POLLNVAL) != 0 {
+		z.hup = true // an error or hang-up, not a notification: the stream is ending
+	}
+}
+
+// parse appends the zero-copy notifications among n bytes of control
+// messages.
+func (z *zcSys) parse(n int) {
+	oob := unsafe.Slice((*byte)(unsafe.Pointer(&z.oob[0])), len(z.oob)*8)[:n]
+	for len(oob) >= unix.SizeofCmsghdr {
+		h := (*unix.Cmsghdr)(unsafe.Pointer(&oob[0]))
+		l := int(h.Len)
+		if l < unix.SizeofCmsghdr || l > len(oob) {
+			return
+		}
+		data := oob[unix.CmsgLen(0):l]
+		if (h.Level == unix.SOL_IP && h.Type == unix.IP_RECVERR || h.Level == unix.SOL_IPV6 && h.Type == unix.IPV6_RECVERR) &&
+			len(data) >= int(unsafe.Sizeof(unix.SockExtendedErr{})) {
+			ee := (*unix.SockExtendedErr)(unsafe.Pointer(&data[0]))
+			if ee.Origin == unix.SO_EE_ORIGIN_ZEROCOPY && ee.Errno == 0 {
+				z.notes = append(z.notes, zcNote{lo: ee.Info, hi: ee.Data, copied: ee.Code&unix.SO_EE_CODE_ZEROCOPY_COPIED != 0})
+			}
+		}
+		sp := unix.CmsgSpace(l - unix.CmsgLen(0))
+		if sp > len(oob) {
+			return
+		}
+		oob = oob[sp:]
+	}
+}
