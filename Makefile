@@ -37,6 +37,11 @@ fuzz: ## run each fuzz target for FUZZTIME seconds (default 60)
 
 run: build ## start a keel volume on 127.0.0.1:10809 and print how to use it
 	@mkdir -p $(DATA)
+	@echo "keel: serving $(DATA)/default.vol (4 GiB) as export 'default' on nbd://127.0.0.1:10809; Ctrl-C stops it cleanly"
+	@echo "  nbdinfo nbd://127.0.0.1:10809"
+	@echo "  qemu-io -f raw -c 'write -P 0xab 0 1M' -c 'read -P 0xab 0 1M' nbd://127.0.0.1:10809"
+	@echo "  fio --name=t --ioengine=nbd --uri=nbd://127.0.0.1:10809 --rw=randrw --bs=4k --iodepth=32 --runtime=10s --time_based"
+	@echo "  metrics: curl -s http://127.0.0.1:9109/metrics | grep keel_nbd"
 	./bin/keel serve --file $(DATA)/default.vol --size 4G --listen 127.0.0.1:10809 --name default --metrics 127.0.0.1:9109
 
 bench-deps: ## install the peer servers the benchmarks compare against

@@ -198,14 +198,15 @@ func TestQemuImgInfo(t *testing.T) {
 func TestQemuIOPatterns(t *testing.T) {
 	need(t, "qemu-io")
 	s := startServe(t, volFile(t), "64M")
-	// Aligned and unaligned offsets and lengths, overlapping neighbours.
+	// Aligned and unaligned offsets and lengths; unaligned neighbours share
+	// 4 KiB blocks with each other, so read-modify-write must keep both.
 	cases := []struct {
 		off, n int64
 		pat    int
 	}{
-		{0, 4096, 0x11}, {4096, 65536, 0x22}, {1 << 20, 1 << 20, 0x33},
-		{513, 1000, 0x44}, {8191, 2, 0x55}, {3 << 20, 4 << 20, 0x66},
-		{(64 << 20) - 512, 512, 0x77}, {100000, 33333, 0x88},
+		{0, 4096, 0x11}, {4096, 65536, 0x22}, {70145, 1000, 0x44},
+		{73727, 2, 0x55}, {100000, 33333, 0x88}, {1 << 20, 1 << 20, 0x33},
+		{3 << 20, 4 << 20, 0x66}, {(64 << 20) - 512, 512, 0x77},
 	}
 	for _, c := range cases {
 		run(t, "qemu-io", "-f", "raw", "-c", fmt.Sprintf("write -P 0x%x %d %d", c.pat, c.off, c.n), s.uri())
@@ -226,7 +227,7 @@ func TestQemuIOPatterns(t *testing.T) {
 	s.stop()
 	// Data survives a clean restart.
 	s = startServe(t, s.file, "64M")
-	out = run(t, "qemu-io", "-f", "raw", "-c", "read -P 0x66 3M 4M", "-c", "read -P 0x44 513 1000", s.uri())
+	out = run(t, "qemu-io", "-f", "raw", "-c", "read -P 0x66 3M 4M", "-c", "read -P 0x44 70145 1000", s.uri())
 	if strings.Contains(out, "Pattern verification failed") {
 		t.Fatalf("after restart: %s", out)
 	}
@@ -407,5 +408,77 @@ func TestServeBadFlags(t *testing.T) {
 		if err == nil || !strings.Contains(string(out), c.want) {
 			t.Errorf("keel %v: err %v, output %q; want an error containing %q", c.args, err, out, c.want)
 		}
+	}
+}
+
+func TestServeReadOnlyAndUnixSocket(t *testing.T) {
+	need(t, "qemu-io", "nbdinfo")
+	file := volFile(t)
+	s := startServe(t, file, "16M")
+	run(t, "qemu-io", "-f", "raw", "-c", "write -P 0x5a 0 64k", s.uri())
+	s.stop()
+
+	sock := filepath.Join(t.TempDir(), "nbd.sock")
+	s = startServe(t, file, "", "--read-only", "--unix", sock)
+	out := run(t, "nbdinfo", "--json", "nbd+unix:///vol?socket="+sock)
+	if !strings.Contains(out, `"is_read_only": true`) {
+		t.Fatalf("read-only export not advertised read-only over the Unix socket:\n%s", out)
+	}
+	out = run(t, "qemu-io", "-r", "-f", "raw", "-c", "read -P 0x5a 0 64k", "nbd+unix:///vol?socket="+sock)
+	if strings.Contains(out, "verification failed") {
+		t.Fatalf("read over the Unix socket: %s", out)
+	}
+	// A write is refused (qemu-io opens read-write only to be told no).
+	wout, err := exec.Command("qemu-io", "-f", "raw", "-c", "write -P 1 0 4k", s.uri()).CombinedOutput()
+	if err == nil && !strings.Contains(string(wout), "ermission") && !strings.Contains(string(wout), "read-only") && !strings.Contains(string(wout), "read only") {
+		t.Fatalf("write to a read-only export was not refused:\n%s", wout)
+	}
+	s.stop()
+	if _, err := os.Stat(sock); !os.IsNotExist(err) {
+		t.Fatalf("unix socket %s left behind after stop: %v", sock, err)
+	}
+}
+
+// TestSigtermFinishesInFlight: SIGTERM while fio writes: the server exits
+// 0 after in-flight requests finish, the volume is marked clean, and every
+// write fio completed reads back (verified by a second fio pass).
+func TestSigtermFinishesInFlight(t *testing.T) {
+	need(t, "fio")
+	file := volFile(t)
+	s := startServe(t, file, "64M")
+	fio := exec.Command("fio", "--name=w", "--ioengine=nbd", "--uri="+s.uri(), "--rw=write",
+		"--bs=64k", "--iodepth=16", "--size=64M", "--loops=1000", "--time_based", "--runtime=30s")
+	var fout bytes.Buffer
+	fio.Stdout, fio.Stderr = &fout, &fout
+	if err := fio.Start(); err != nil {
+		t.Fatal(err)
+	}
+	defer fio.Process.Kill()
+	// Wait until the server has data in flight: its metrics count writes.
+	deadline := time.Now().Add(30 * time.Second)
+	for {
+		resp, err := http.Get("http://" + s.metrics + "/metrics")
+		if err == nil {
+			body, _ := io.ReadAll(resp.Body)
+			resp.Body.Close()
+			if strings.Contains(string(body), `keel_nbd_written_bytes_total{export="vol"}`) && !strings.Contains(string(body), `keel_nbd_written_bytes_total{export="vol"} 0`) {
+				break
+			}
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("no writes reached the server in 30s; fio: %s", fout.String())
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	s.stop() // fails the test unless keel exits 0
+	fio.Wait()
+	if !strings.Contains(s.stderr.String(), "marked clean") {
+		t.Fatalf("keel did not report a clean stop:\n%s", s.stderr)
+	}
+	// Restart: the superblock says the last shutdown was clean.
+	s = startServe(t, file, "64M")
+	s.stop()
+	if !strings.Contains(s.stderr.String(), "last_shutdown_clean=true") {
+		t.Fatalf("volume not clean after SIGTERM:\n%s", s.stderr)
 	}
 }
