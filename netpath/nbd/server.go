@@ -254,7 +254,7 @@ func (s *Server) Shutdown(ctx context.Context) error {
 	case <-ctx.Done():
 		s.mu.Lock()
 		for ss := range s.sessions {
-			ss.nc.Close()
+			ss.forceClose()
 		}
 		s.mu.Unlock()
 		return ctx.Err()

@@ -6,7 +6,6 @@ import (
 	"io"
 	"log/slog"
 	"net"
-	"os"
 	"runtime/debug"
 	"sync"
 	"sync/atomic"
@@ -108,6 +107,8 @@ type session struct {
 	flags    nbdproto.TransmissionFlags
 	m        *exportMetrics // nil: no metrics
 
+	ctl      sync.Mutex  // guards w's creation against interrupt and forceClose
+	w        wire        // the transmission stream; set once before the reader starts
 	stopping atomic.Bool // Shutdown interrupted the reader
 
 	// Owned by the reader goroutine.
@@ -132,7 +133,7 @@ type session struct {
 	writing      bool       // some goroutine holds the writer role
 	werr         error      // first write error; replies after it are dropped
 
-	iov net.Buffers // owned by the writer role
+	iov [][]byte // owned by the writer role
 
 	lastErrLog atomic.Int64 // unix nanos of the last backend error logged
 	suppressed atomic.Int64 // backend errors not logged since
@@ -148,8 +149,26 @@ func newSession(s *Server, c net.Conn) *session {
 
 // interrupt makes the reader stop at its next read. Called by Shutdown.
 func (ss *session) interrupt() {
+	ss.ctl.Lock()
+	defer ss.ctl.Unlock()
 	ss.stopping.Store(true)
-	ss.nc.SetReadDeadline(time.Now())
+	if ss.w != nil {
+		ss.w.stopReading()
+	} else {
+		ss.nc.SetReadDeadline(time.Now())
+	}
+}
+
+// forceClose breaks the connection at once: blocked reads and writes
+// fail. The descriptor itself is closed when the session ends.
+func (ss *session) forceClose() {
+	ss.ctl.Lock()
+	defer ss.ctl.Unlock()
+	if ss.w != nil {
+		ss.w.shutdown()
+	} else {
+		ss.nc.Close()
+	}
 }
 
 // setExport fixes the export and negotiated features for transmission.
@@ -171,9 +190,13 @@ func (ss *session) setExport(exp *Export, sr, metaCtx bool) {
 // read has been answered (or its connection has failed).
 func (ss *session) transmit() {
 	ss.nc.SetDeadline(time.Time{})
-	if ss.srv.isClosing() {
-		ss.interrupt() // Shutdown may have come before the deadline was cleared
+	ss.ctl.Lock()
+	ss.w = newWire(ss.nc)
+	if ss.stopping.Load() {
+		ss.w.stopReading() // Shutdown came during the handshake's last step
 	}
+	ss.ctl.Unlock()
+	defer ss.w.close()
 	cfg := &ss.srv.cfg
 	ss.log = ss.log.With("export", ss.exp.Name)
 	ss.m = cfg.Metrics.forExport(ss.exp.Name)
@@ -196,14 +219,14 @@ func (ss *session) transmit() {
 	ss.maxBytes = max(cfg.MaxInFlightBytes, cfg.MaxRequest)
 	ss.cond.L = &ss.mu
 	ss.work = make(chan *request, cfg.MaxInFlight)
-	ss.iov = make(net.Buffers, 0, 2*cfg.MaxInFlight)
+	ss.iov = make([][]byte, 0, 2*cfg.MaxInFlight)
 	ss.log.Debug("nbd: transmission", "structured_replies", ss.sr, "base_allocation", ss.metaCtx, "flags", fmt.Sprintf("%#x", uint16(ss.flags)))
 
 	err := ss.readLoop()
 	switch {
 	case errors.Is(err, errDisc):
 		ss.log.Debug("nbd: client disconnected")
-	case ss.stopping.Load() && errors.Is(err, os.ErrDeadlineExceeded):
+	case ss.stopping.Load():
 		ss.log.Debug("nbd: server shutting down")
 	case errors.Is(err, errBadMagic):
 		ss.log.Warn("nbd: closing connection", "err", err)
@@ -553,7 +576,7 @@ func (ss *session) fill(n int) error {
 		ss.rpos = 0
 	}
 	for ss.rend < n {
-		m, err := ss.nc.Read(ss.rb[ss.rend:])
+		m, err := ss.w.Read(ss.rb[ss.rend:])
 		ss.rend += m
 		if err != nil && ss.rend < n {
 			if errors.Is(err, io.EOF) && ss.rend > 0 {
@@ -583,7 +606,7 @@ func (ss *session) readPayload(p []byte) error {
 		return nil
 	}
 	if len(p) >= directReadMin {
-		_, err := io.ReadFull(ss.nc, p)
+		_, err := io.ReadFull(ss.w, p)
 		return err
 	}
 	if err := ss.fill(len(p)); err != nil {
@@ -600,7 +623,7 @@ func (ss *session) discard(n int) error {
 	ss.consume(k)
 	n -= k
 	for n > 0 {
-		m, err := ss.nc.Read(ss.rb[:min(n, len(ss.rb))])
+		m, err := ss.w.Read(ss.rb[:min(n, len(ss.rb))])
 		n -= m
 		if err != nil && n > 0 {
 			return err
@@ -641,7 +664,7 @@ func (ss *session) finish(r *request) {
 				ss.werr = err
 				ss.wmu.Unlock()
 				ss.log.Debug("nbd: writing replies failed; closing", "err", err)
-				ss.nc.Close() // wakes the reader
+				ss.w.shutdown() // wakes the reader
 			}
 		}
 		ss.retire(head)
@@ -703,11 +726,9 @@ func (ss *session) writeReplies(head *request) error {
 			iov = append(iov, r.data)
 		}
 	}
-	n := len(iov)
 	ss.iov = iov
-	_, err := ss.iov.WriteTo(ss.nc) // consumes ss.iov
-	ss.iov = iov[:0]
-	clear(iov[:n])
+	err := ss.w.writev(iov)
+	clear(iov)
 	return err
 }
 
