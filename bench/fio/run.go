@@ -466,8 +466,11 @@ func (rn *runner) measure(ctx context.Context, slot Slot, w Workload, spec jobSp
 		rec.ServerCPU = float64(cpu1-cpu0) / userHZ / elapsed.Seconds() * 100
 	}
 	rn.report.Runs = append(rn.report.Runs, rec)
-	log.Info(w.Name, "iops", math.Round(fig.IOPS()), "mib_s", math.Round(fig.BW()/(1<<20)),
-		"p50_us", shownP50(fig), "server_cpu_pct", math.Round(rec.ServerCPU))
+	attrs := []any{"iops", math.Round(fig.IOPS()), "mib_s", math.Round(fig.BW() / (1 << 20)), "p50_us", shownP50(fig)}
+	if srv != nil {
+		attrs = append(attrs, "server_cpu_pct", math.Round(rec.ServerCPU))
+	}
+	log.Info(w.Name, attrs...)
 	return nil
 }
 
