@@ -42,7 +42,7 @@ func checks(r *Report) []Check {
 		return m.Figures.IOPS(), ok && m.Figures.IOPS() > 0
 	}
 	atLeast := func(name string, v, bound float64, detail string) Check {
-		c := Check{Name: name, Value: v, Status: Miss, Detail: fmt.Sprintf("%s× (want ≥ %s×) %s", f2(v), f2(bound), detail)}
+		c := Check{Name: name, Value: v, Status: Miss, Detail: fmt.Sprintf("%s× (want ≥ %g×) %s", f2(v), bound, detail)}
 		if v >= bound {
 			c.Status = Pass
 		}
@@ -51,28 +51,24 @@ func checks(r *Report) []Check {
 	na := func(name, why string) Check { return Check{Name: name, Status: NA, Detail: why} }
 
 	for _, w := range []string{"randread-4k-qd32", "randwrite-4k-qd32"} {
-		k, ok := iops("keel", w)
-		if !ok {
-			out = append(out, na(w+" vs direct peers and raw", "keel not measured on "+w))
-			continue
-		}
+		k, haveKeel := iops("keel", w)
 		for _, p := range issueDirectPeers {
 			name := fmt.Sprintf("%s ≥ 1.1× %s", w, p)
-			if v, ok := iops(p, w); ok {
-				out = append(out, atLeast(name, k/v, 1.1, fmt.Sprintf("(keel %s, %s %s IOPS)", kiops(k), p, kiops(v))))
-			} else {
+			v, ok := iops(p, w)
+			switch {
+			case !haveKeel:
+				out = append(out, na(name, "keel not measured on "+w))
+			case !ok:
 				out = append(out, na(name, p+" not measured"))
+			default:
+				out = append(out, atLeast(name, k/v, 1.1, fmt.Sprintf("(keel %s, %s %s IOPS)", kiops(k), p, kiops(v))))
 			}
 		}
-		out = append(out, rawCheck(r, w, k, 0.8, atLeast, na))
+		out = append(out, rawCheck(r, w, k, haveKeel, 0.8, atLeast, na))
 	}
 	for _, w := range []string{"randrw70-64k-qd16", "seqread-1m-qd8", "seqwrite-1m-qd8"} {
-		k, ok := iops("keel", w)
-		if !ok {
-			out = append(out, na(w+" ≥ 0.9× raw", "keel not measured on "+w))
-			continue
-		}
-		out = append(out, rawCheck(r, w, k, 0.9, atLeast, na))
+		k, haveKeel := iops("keel", w)
+		out = append(out, rawCheck(r, w, k, haveKeel, 0.9, atLeast, na))
 	}
 	out = append(out, qd1Checks(r)...)
 	out = append(out, multiConnCheck(r))
@@ -80,10 +76,13 @@ func checks(r *Report) []Check {
 	return out
 }
 
-func rawCheck(r *Report, w string, keel, bound float64, atLeast func(string, float64, float64, string) Check, na func(string, string) Check) Check {
-	name := fmt.Sprintf("%s ≥ %s× raw", w, f2(bound))
+func rawCheck(r *Report, w string, keel float64, haveKeel bool, bound float64, atLeast func(string, float64, float64, string) Check, na func(string, string) Check) Check {
+	name := fmt.Sprintf("%s ≥ %g× raw", w, bound)
 	raw, ok := r.median("raw", w)
-	if !ok || raw.Figures.IOPS() <= 0 {
+	switch {
+	case !haveKeel:
+		return na(name, "keel not measured on "+w)
+	case !ok || raw.Figures.IOPS() <= 0:
 		return na(name, "raw not measured")
 	}
 	return atLeast(name, keel/raw.Figures.IOPS(), bound, fmt.Sprintf("(keel %s, raw %s IOPS)", kiops(keel), kiops(raw.Figures.IOPS())))
@@ -93,7 +92,10 @@ func qd1Checks(r *Report) []Check {
 	const w = "randread-4k-qd1"
 	k, ok := r.median("keel", w)
 	if !ok || k.Figures.Read.Latency.P50 <= 0 {
-		return []Check{{Name: w + " latency", Status: NA, Detail: "keel not measured on " + w}}
+		return []Check{
+			{Name: w + " p50 ≤ best peer's p50", Status: NA, Detail: "keel not measured on " + w},
+			{Name: w + " p99 ≤ 2× own p50", Status: NA, Detail: "keel not measured on " + w},
+		}
 	}
 	p50 := k.Figures.Read.Latency.P50
 	var out []Check
