@@ -19,6 +19,7 @@ import (
 	"github.com/spf13/cobra"
 
 	"keel/bench/fio"
+	"keel/node"
 )
 
 // Command returns the `keel bench` command and its subcommands.
@@ -63,9 +64,9 @@ Missing peers are skipped; install them with ` + "`make bench-deps`" + `.`,
 				_, err = fmt.Fprint(cmd.OutOrStdout(), fio.Markdown(r))
 				return err
 			}
-			n, err := fio.ParseSize(size)
+			n, err := node.ParseSize(size)
 			if err != nil {
-				return err
+				return fmt.Errorf("--size: %w", err)
 			}
 			cfg.Size = n
 			cfg.Targets = splitList(peers)

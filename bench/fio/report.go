@@ -4,6 +4,7 @@ import (
 	"fmt"
 	"io"
 	"math"
+	"path/filepath"
 	"slices"
 	"strconv"
 	"strings"
@@ -322,7 +323,7 @@ func Markdown(r *Report) string {
 	var b strings.Builder
 	e := r.Env
 	fmt.Fprintf(&b, "Measured %s with `%s`: %s, %d CPUs (%s), kernel %s, %s on %s (%s); %s per workload, median of %d reps, %s.\n\n",
-		e.Date.Format(time.DateOnly), strings.Join(e.Command, " "), e.FioVersion, e.CPUs, e.CPUModel, e.Kernel,
+		e.Date.Format(time.DateOnly), commandText(e.Command), e.FioVersion, e.CPUs, e.CPUModel, e.Kernel,
 		FormatSize(r.Settings.Size)+" file", e.Disk.Device, e.Disk.Filesystem,
 		r.Settings.Runtime, r.Settings.Reps, transportText(r.Settings.Transport))
 	b.WriteString("| " + strings.Join(tableHeader, " | ") + " |\n|")
@@ -348,6 +349,15 @@ func Markdown(r *Report) string {
 		}
 	}
 	return b.String()
+}
+
+// commandText is the command line as a reader would type it: the program
+// by its base name ("keel", not /tmp/x/keel).
+func commandText(argv []string) string {
+	if len(argv) == 0 {
+		return ""
+	}
+	return strings.Join(append([]string{filepath.Base(argv[0])}, argv[1:]...), " ")
 }
 
 func transportText(t string) string {

@@ -173,7 +173,7 @@ func TestWriteTable(t *testing.T) {
 
 func TestMarkdown(t *testing.T) {
 	r := testReport(t)
-	r.Env = Environment{Date: time.Date(2026, 11, 27, 0, 0, 0, 0, time.UTC), Command: []string{"keel", "bench", "fio"}, FioVersion: "fio-3.33", CPUs: 2, Kernel: "6.18"}
+	r.Env = Environment{Date: time.Date(2026, 11, 27, 0, 0, 0, 0, time.UTC), Command: []string{"/tmp/b/keel", "bench", "fio"}, FioVersion: "fio-3.33", CPUs: 2, Kernel: "6.18"}
 	r.Settings.Runtime = "10s"
 	r.Checks = checks(r)
 	md := Markdown(r)

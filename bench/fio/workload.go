@@ -1,9 +1,7 @@
 package fio
 
 import (
-	"fmt"
 	"strconv"
-	"strings"
 	"time"
 )
 
@@ -134,39 +132,6 @@ func engineArgs(s jobSpec) []string {
 // fioDuration renders d in fio's time syntax, to the millisecond.
 func fioDuration(d time.Duration) string {
 	return strconv.FormatInt(d.Milliseconds(), 10) + "ms"
-}
-
-// ParseSize parses a byte count with an optional binary suffix: "4G",
-// "64MiB", "512k", "1073741824".
-func ParseSize(s string) (int64, error) {
-	t := strings.TrimSpace(s)
-	u := strings.ToUpper(t)
-	u = strings.TrimSuffix(u, "IB")
-	u = strings.TrimSuffix(u, "B")
-	shift := 0
-	if u != "" {
-		switch u[len(u)-1] {
-		case 'K':
-			shift = 10
-		case 'M':
-			shift = 20
-		case 'G':
-			shift = 30
-		case 'T':
-			shift = 40
-		}
-		if shift != 0 {
-			u = u[:len(u)-1]
-		}
-	}
-	n, err := strconv.ParseInt(u, 10, 64)
-	if err != nil || n <= 0 {
-		return 0, fmt.Errorf("size %q: want a positive number of bytes with an optional K, M, G or T suffix", s)
-	}
-	if n > (1<<62)>>shift {
-		return 0, fmt.Errorf("size %q: too large", s)
-	}
-	return n << shift, nil
 }
 
 // FormatSize renders n with the largest binary suffix that divides it.
