@@ -187,7 +187,11 @@ func New(cfg Config) (*Server, error) {
 	s.fwd = &http.Client{Transport: &http.Transport{Proxy: nil, MaxIdleConnsPerHost: 64, IdleConnTimeout: time.Minute}}
 	s.ctx, s.cancel = context.WithCancel(context.Background())
 	s.metrics = newMetrics(s.reg, s)
-	s.fsm = newFSM(cfg.Coord, log, s.metrics.observeApply)
+	// Every member's state machine starts from the same defaults, whatever
+	// its flags: the flags reach the state only through the configure
+	// command the first leader commits, so all members apply every entry
+	// with the same configuration.
+	s.fsm = newFSM(coordapi.DefaultConfig(), log, s.metrics.observeApply)
 
 	var err error
 	if s.ln, err = net.Listen("tcp", cfg.Listen); err != nil {
@@ -365,19 +369,18 @@ func (s *Server) isReady() bool {
 	return s.ready
 }
 
-// leaderTerm: barrier, rebase, then take writes and tick until ctx ends.
+// leaderTerm: barrier, initial configuration if the state has none,
+// rebase, this member's API address; then take writes and tick until ctx
+// ends.
 func (s *Server) leaderTerm(ctx context.Context) {
 	s.log.Info("became raft leader")
 	b := coordclient.Backoff{Base: 50 * time.Millisecond, Max: time.Second}
 	for round := 0; ; round++ {
-		err := s.raft.Barrier(10 * time.Second).Error()
-		if err == nil {
-			_, err = s.apply(ctx, coord.Command{Op: coord.OpRebase})
-		}
+		err := s.startTerm(ctx)
 		if err == nil {
 			break
 		}
-		s.log.Warn("leader start: barrier or rebase failed", "err", err)
+		s.log.Warn("leader start failed; retrying", "err", err)
 		select {
 		case <-ctx.Done():
 			return
@@ -386,25 +389,6 @@ func (s *Server) leaderTerm(ctx context.Context) {
 	}
 	s.setReady(true)
 	s.log.Info("leader ready: leases rebased on this member's clock")
-	var configured bool
-	var self coordapi.CellMember
-	var known bool
-	s.fsm.read(func(m *coord.Machine) {
-		_, configured = m.Config()
-		self, known = m.CellMember(s.cfg.ID)
-	})
-	if !configured {
-		c := s.cfg.Coord
-		if _, err := s.apply(ctx, coord.Command{Op: coord.OpConfigure, Configure: &c}); err != nil {
-			s.log.Warn("committing the initial cell configuration failed; the defaults stay until a later term", "err", err)
-		}
-	}
-	me := coordapi.CellMember{ID: s.cfg.ID, RaftAddr: string(s.trans.LocalAddr()), APIURL: s.apiURL, Voter: true}
-	if !known || self != me {
-		if _, err := s.apply(ctx, coord.Command{Op: coord.OpSetMember, SetMember: &me}); err != nil {
-			s.log.Warn("recording this member's API URL failed", "err", err)
-		}
-	}
 	t := time.NewTicker(s.cfg.TickInterval)
 	defer t.Stop()
 	for {
@@ -429,6 +413,36 @@ func (s *Server) leaderTerm(ctx context.Context) {
 		}
 		cancel()
 	}
+}
+
+// startTerm runs the steps before a new leader takes writes. Each is
+// idempotent, so a failed start is simply run again.
+func (s *Server) startTerm(ctx context.Context) error {
+	if err := s.raft.Barrier(10 * time.Second).Error(); err != nil {
+		return fmt.Errorf("barrier: %w", err)
+	}
+	var configured, known bool
+	var self coordapi.CellMember
+	s.fsm.read(func(m *coord.Machine) {
+		_, configured = m.Config()
+		self, known = m.CellMember(s.cfg.ID)
+	})
+	if !configured {
+		c := s.cfg.Coord
+		if _, err := s.apply(ctx, coord.Command{Op: coord.OpConfigure, Configure: &c}); err != nil {
+			return fmt.Errorf("committing the initial cell configuration: %w", err)
+		}
+	}
+	if _, err := s.apply(ctx, coord.Command{Op: coord.OpRebase}); err != nil {
+		return fmt.Errorf("rebase: %w", err)
+	}
+	me := coordapi.CellMember{ID: s.cfg.ID, RaftAddr: string(s.trans.LocalAddr()), APIURL: s.apiURL, Voter: true}
+	if !known || self != me {
+		if _, err := s.apply(ctx, coord.Command{Op: coord.OpSetMember, SetMember: &me}); err != nil {
+			return fmt.Errorf("recording this member's API URL: %w", err)
+		}
+	}
+	return nil
 }
 
 var errNotLeader = errors.New("not the raft leader")
