@@ -70,8 +70,8 @@ func (l *rawLoad) round() error {
 }
 
 // TestSteadyStateAllocs: serving READ and WRITE requests allocates
-// nothing per request once the connection is warm, at QD1 (the reader's
-// inline path, and the worker path) and at QD8 (workers, batched replies),
+// nothing per request once the connection is warm, at QD1 and at QD8
+// (replies batched),
 // with simple and structured replies. The bound is 0.05 allocations per
 // round rather than 0: sync.Pool (under iobuf) may drop a buffer at a GC,
 // and the next Get then allocates one.
@@ -80,13 +80,12 @@ func TestSteadyStateAllocs(t *testing.T) {
 		t.Skip("the race detector allocates")
 	}
 	for _, tc := range []struct {
-		sr, inline bool
-		qd         int
-	}{{false, true, 1}, {true, true, 1}, {true, false, 1}, {false, true, 8}, {true, true, 8}} {
-		t.Run(fmt.Sprintf("structured=%v/inline=%v/qd=%d", tc.sr, tc.inline, tc.qd), func(t *testing.T) {
+		sr bool
+		qd int
+	}{{false, 1}, {true, 1}, {false, 8}, {true, 8}} {
+		t.Run(fmt.Sprintf("structured=%v/qd=%d", tc.sr, tc.qd), func(t *testing.T) {
 			// With metrics: recording must not allocate either.
 			f := start(t, nbd.Config{Exports: []nbd.Export{{Name: "vol", Backend: newMem(size)}}, Metrics: nbd.NewMetrics(nil)})
-			nbd.SetInline(f.srv, tc.inline)
 			c := f.open("vol", tc.sr)
 			c.c.SetDeadline(time.Time{})
 			l := newRawLoad(c, tc.qd)

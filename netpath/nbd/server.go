@@ -7,7 +7,6 @@ import (
 	"log/slog"
 	"net"
 	"sync"
-	"sync/atomic"
 	"time"
 
 	"keel/datapath/iobuf"
@@ -70,8 +69,7 @@ type Server struct {
 	sessions  map[*session]struct{}
 	wg        sync.WaitGroup // one count per ServeConn running
 
-	testShutdownHook func()      // tests: runs once Shutdown has interrupted every session
-	noInline         atomic.Bool // tests and benchmarks: never run requests on the reader
+	testShutdownHook func() // tests: runs once Shutdown has interrupted every session
 }
 
 // NewServer returns a server for cfg. It panics on a configuration that

@@ -813,33 +813,6 @@ func TestMetrics(t *testing.T) {
 	}
 }
 
-// TestInlineOff runs a pipelined workload with the reader's inline path
-// disabled (every request through a worker) and with it enabled.
-func TestInlineOnOff(t *testing.T) {
-	for _, inline := range []bool{false, true} {
-		t.Run(fmt.Sprintf("inline=%v", inline), func(t *testing.T) {
-			f, _ := startMem(t, size)
-			nbd.SetInline(f.srv, inline)
-			c := f.open("vol", true)
-			for round := 0; round < 20; round++ {
-				var hs []uint64
-				for i := 0; i < 8; i++ {
-					off := uint64((round*8 + i) * 4096 % size)
-					hs = append(hs, c.send(nbdproto.CmdWrite, 0, off, 4096, pattern(4096, byte(round+i))))
-				}
-				for range hs {
-					if r := c.recv(); r.errno != 0 {
-						t.Fatal(r.errno)
-					}
-				}
-				off := uint64((round*8 + 3) * 4096 % size)
-				r := c.do(nbdproto.CmdRead, 0, off, 4096, nil)
-				mustEqual(t, r.data, pattern(4096, byte(round+3)), "read back")
-			}
-		})
-	}
-}
-
 func bd(length, status uint32) nbdproto.BlockDescriptor {
 	return nbdproto.BlockDescriptor{Length: length, Status: status}
 }

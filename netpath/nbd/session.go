@@ -70,7 +70,7 @@ var allowedFlags = [...]nbdproto.CmdFlags{
 // request is one request in flight, from its header being read to its
 // reply being written. The session preallocates MaxInFlight of them; one
 // is owned by exactly one goroutine at a time: the reader fills it, a
-// worker (or the reader, inline) executes it, the goroutine holding the
+// worker executes it, the goroutine holding the
 // writer role writes and retires it back to the free list.
 type request struct {
 	ss     *session
@@ -261,7 +261,7 @@ func (ss *session) readLoop() error {
 }
 
 // handle takes one decoded request: validates it, reads its payload and
-// runs it inline or hands it to a worker.
+// hands it to a worker.
 func (ss *session) handle(req nbdproto.Request) error {
 	errno, msg := ss.validate(&req)
 	need := 0
@@ -302,15 +302,6 @@ func (ss *session) handle(req nbdproto.Request) error {
 	}
 	if req.Type == nbdproto.CmdRead && req.Length > 0 {
 		r.buf = iobuf.Get(int(req.Length))
-	}
-	// Nothing else in flight and nothing more received: a short data
-	// command runs on the reader itself, saving two goroutine hand-offs
-	// (the QD1 latency path).
-	if !ss.srv.noInline.Load() && (req.Type == nbdproto.CmdRead || req.Type == nbdproto.CmdWrite) &&
-		ss.rpos == ss.rend && ss.inflight.Load() == 1 {
-		ss.exec(r)
-		ss.finish(r)
-		return nil
 	}
 	if ss.idle.Add(-1) < 0 {
 		ss.idle.Add(1)
