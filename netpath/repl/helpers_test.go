@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"net"
 	"sync"
+	"sync/atomic"
 	"syscall"
 	"testing"
 	"time"
@@ -183,8 +184,10 @@ func (a *memApplier) snapshot(vol uint64) (data, durable []byte, stats memVol) {
 // them.
 type trackListener struct {
 	net.Listener
-	mu    sync.Mutex
-	conns []net.Conn
+	accepted chan struct{} // a value per accepted connection, dropped when full
+	total    atomic.Int64
+	mu       sync.Mutex
+	conns    []net.Conn
 }
 
 func (l *trackListener) Accept() (net.Conn, error) {
@@ -193,6 +196,11 @@ func (l *trackListener) Accept() (net.Conn, error) {
 		l.mu.Lock()
 		l.conns = append(l.conns, c)
 		l.mu.Unlock()
+		l.total.Add(1)
+		select {
+		case l.accepted <- struct{}{}:
+		default:
+		}
 	}
 	return c, err
 }
@@ -230,7 +238,7 @@ func startReplica(t *testing.T, node uint64, app *memApplier, cfg repl.ServerCon
 		t.Fatal(err)
 	}
 	cfg.Node, cfg.Applier = node, app
-	r := &replica{node: node, app: app, srv: repl.NewServer(cfg), l: &trackListener{Listener: ln},
+	r := &replica{node: node, app: app, srv: repl.NewServer(cfg), l: &trackListener{Listener: ln, accepted: make(chan struct{}, 1024)},
 		addr: ln.Addr().String(), done: make(chan error, 1)}
 	go func() { r.done <- r.srv.Serve(r.l) }()
 	t.Cleanup(func() { r.srv.Close() })

@@ -250,7 +250,7 @@ func (p *Peer) loop() {
 			st.fail(ErrClosed)
 		}
 		cause := st.run()
-		p.unpublish()
+		p.markDown(st)
 		closed := p.ctx.Err() != nil
 		lost := &StreamError{Peer: p.cfg.Node, Err: cause}
 		if closed {
@@ -302,12 +302,16 @@ func (p *Peer) publish(st *stream) {
 	p.mu.Unlock()
 }
 
-func (p *Peer) unpublish() {
-	p.cur.Store(nil)
-	p.m.up.Set(0)
-	p.mu.Lock()
-	p.upCh = make(chan struct{})
-	p.mu.Unlock()
+// markDown unpublishes st if it is the current stream: from then on
+// submits fail with ErrPeerDown and WaitUp waits for the next stream.
+// fail calls it at once, so nothing is submitted to a dying stream.
+func (p *Peer) markDown(st *stream) {
+	if p.cur.CompareAndSwap(st, nil) {
+		p.m.up.Set(0)
+		p.mu.Lock()
+		p.upCh = make(chan struct{})
+		p.mu.Unlock()
+	}
 }
 
 // connect dials the peer and runs the handshake: HELLO, then HELLO_ACK
@@ -361,9 +365,15 @@ func (p *Peer) handshake(conn net.Conn) error {
 	return nil
 }
 
-// zcPollInterval bounds how long the completion goroutine blocks in poll
-// before it rechecks whether the stream has ended.
-const zcPollInterval = 100 * time.Millisecond
+// The completion reaper's retry delays while an answered frame still
+// awaits its zero-copy completion. The completion is normally queued by
+// the time the ACK arrives (the kernel frees the sent data when the peer's
+// TCP acknowledgement covers it, which precedes the ACK frame), so the
+// first, immediate reap almost always finds it.
+const (
+	zcRetryMin = 20 * time.Microsecond
+	zcRetryMax = 5 * time.Millisecond
+)
 
 // maxBatch bounds the frames one writev carries.
 const maxBatch = 64
@@ -382,9 +392,10 @@ type stream struct {
 	zcMin              int
 	zcOn               bool
 
-	queue chan *Op      // admitted ops in sequence order; capacity = window frames
-	dead  chan struct{} // closed by fail
-	space chan struct{} // capacity 1: poked when the window frees
+	queue  chan *Op      // admitted ops in sequence order; capacity = window frames
+	dead   chan struct{} // closed by fail
+	space  chan struct{} // capacity 1: poked when the window frees
+	zcKick chan struct{} // capacity 1: wakes the reaper
 
 	mu      sync.Mutex // guards following
 	err     error      // the cause of failure; set once
@@ -392,6 +403,7 @@ type stream struct {
 	zc      zcTracker
 	pingOut bool  // a PING awaits its PONG
 	pingAt  int64 // when the last PING was sent
+	zcWait  int   // answered ops that await only their zero-copy completion
 
 	wg sync.WaitGroup
 
@@ -424,6 +436,7 @@ func newStream(p *Peer, conn net.Conn) *stream {
 		queue:     make(chan *Op, p.cfg.WindowFrames),
 		dead:      make(chan struct{}),
 		space:     make(chan struct{}, 1),
+		zcKick:    make(chan struct{}, 1),
 		win:       newWindow(p.cfg.WindowFrames, p.cfg.WindowBytes),
 		batch:     make([]*Op, 0, maxBatch),
 		iov:       make([][]byte, 0, 2*maxBatch),
@@ -477,6 +490,7 @@ func (st *stream) fail(err error) {
 	}
 	st.err = err
 	st.mu.Unlock()
+	st.p.markDown(st)
 	close(st.dead)
 	if tc, ok := st.conn.(*net.TCPConn); ok {
 		tc.SetLinger(0)
@@ -723,6 +737,7 @@ func (st *stream) sendZeroCopy(op *Op, p []byte) error {
 	if !st.zc.close(entry, ids, zcBytes) {
 		op.zcPending = false // nothing went zero-copy
 		if op.acked {
+			st.zcWait--
 			st.freeLocked(op)
 			st.sdone = append(st.sdone, op)
 		}
@@ -751,6 +766,7 @@ func (st *stream) reapLocked(done []*Op) []*Op {
 		}
 		e.op.zcPending = false
 		if e.op.acked {
+			st.zcWait--
 			st.freeLocked(e.op)
 			done = append(done, e.op)
 		}
@@ -862,6 +878,8 @@ func (st *stream) answer(h *replproto.Header) error {
 	done := !op.zcPending
 	if done {
 		st.freeLocked(op)
+	} else {
+		st.zcWait++
 	}
 	st.mu.Unlock()
 	if nack != nil {
@@ -869,6 +887,11 @@ func (st *stream) answer(h *replproto.Header) error {
 	}
 	if done {
 		st.finish(op)
+	} else {
+		select {
+		case st.zcKick <- struct{}{}:
+		default:
+		}
 	}
 	return nil
 }
@@ -906,42 +929,45 @@ func nackMetric(r replproto.Reason) string {
 }
 
 // reapLoop collects MSG_ZEROCOPY completions from the socket's error queue
-// and finishes the frames that were waiting only for them.
+// and finishes the frames that were waiting only for them. It never blocks
+// in a system call (a goroutine per stream parked in poll(2) would hold the
+// scheduler's Ps): the receiver wakes it when an answered frame still
+// awaits its completion, and it reaps without waiting, retrying on a short
+// timer only while such frames remain.
 func (st *stream) reapLoop() {
 	defer st.wg.Done()
 	m := st.p.m
-	var idle *time.Timer
+	t := time.NewTimer(time.Hour)
+	t.Stop()
 	for {
 		select {
+		case <-st.zcKick:
 		case <-st.dead:
 			return
-		default:
 		}
-		if err := st.zsys.poll(st.rc); err != nil {
-			return // the socket is closed
-		}
-		st.mu.Lock()
-		for _, n := range st.zsys.notes {
-			c := st.zc.complete(n.lo, n.hi, n.copied)
-			if n.copied {
-				m.zcCopied.Add(float64(c))
+		for delay := zcRetryMin; ; delay = min(2*delay, zcRetryMax) {
+			if err := st.zsys.poll(st.rc); err != nil {
+				return // the socket is closed
 			}
-		}
-		st.zdone = st.reapLocked(st.zdone[:0])
-		st.mu.Unlock()
-		st.finishAll(st.zdone)
-		if st.zsys.hup {
-			// An error or hang-up with no notification: the receiver is
-			// about to fail the stream. Do not spin on it.
-			if idle == nil {
-				idle = time.NewTimer(10 * time.Millisecond)
-			} else {
-				idle.Reset(10 * time.Millisecond)
+			st.mu.Lock()
+			for _, n := range st.zsys.notes {
+				c := st.zc.complete(n.lo, n.hi, n.copied)
+				if n.copied {
+					m.zcCopied.Add(float64(c))
+				}
 			}
+			st.zdone = st.reapLocked(st.zdone[:0])
+			waiting := st.zcWait
+			st.mu.Unlock()
+			st.finishAll(st.zdone)
+			if waiting == 0 {
+				break
+			}
+			t.Reset(delay)
 			select {
+			case <-t.C:
 			case <-st.dead:
 				return
-			case <-idle.C:
 			}
 		}
 	}

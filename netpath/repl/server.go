@@ -88,6 +88,7 @@ type Server struct {
 	mu        sync.Mutex // guards following
 	vols      map[uint64]*volState
 	streams   map[*sconn]struct{}
+	byPrimary map[uint64]*sconn // the newest stream from each primary node
 	listeners map[net.Listener]struct{}
 	closed    bool
 
@@ -131,6 +132,7 @@ func NewServer(cfg ServerConfig) *Server {
 		ack: cfg.Metrics.srvFrames.WithLabelValues("ack"), nack: cfg.Metrics.srvFrames.WithLabelValues("nack"),
 		vols:      make(map[uint64]*volState),
 		streams:   make(map[*sconn]struct{}),
+		byPrimary: make(map[uint64]*sconn),
 		listeners: make(map[net.Listener]struct{}),
 	}
 	for _, t := range []replproto.Type{replproto.TypeWrite, replproto.TypeTrim, replproto.TypeZeroes, replproto.TypeFlush} {
@@ -189,6 +191,7 @@ func (s *Server) ServeConn(c net.Conn) error {
 		replies:    make(chan [replproto.HeaderSize]byte, s.cfg.StreamFrames+16),
 		dead:       make(chan struct{}),
 		writerDone: make(chan struct{}),
+		readerDone: make(chan struct{}),
 		wbuf:       make([]byte, 0, maxBatch*replproto.HeaderSize),
 	}
 	sc.cond.L = &sc.mu
@@ -216,10 +219,29 @@ func (s *Server) ServeConn(c net.Conn) error {
 		s.log.Warn("replication stream refused", "remote", c.RemoteAddr().String(), "err", err)
 		return err
 	}
+	// A new stream from a primary node supersedes its older one: the
+	// primary keeps one stream per peer, so the old one is dead to it.
+	// Stop the old reader before this one reads anything, so that frames
+	// still buffered on the old connection cannot be registered after
+	// frames of the new one (invariant 3 across a reconnect).
+	s.mu.Lock()
+	old := s.byPrimary[sc.primary]
+	s.byPrimary[sc.primary] = sc
+	s.mu.Unlock()
+	if old != nil {
+		old.shutdown()
+		<-old.readerDone
+	}
 	go sc.writeLoop()
 	err := sc.readLoop()
+	close(sc.readerDone)
 	sc.shutdown()
 	<-sc.writerDone
+	s.mu.Lock()
+	if s.byPrimary[sc.primary] == sc {
+		delete(s.byPrimary, sc.primary)
+	}
+	s.mu.Unlock()
 	if errors.Is(err, io.EOF) {
 		s.log.Debug("replication stream closed by primary", "primary", sc.primary)
 	} else {
@@ -523,6 +545,7 @@ type sconn struct {
 	replies    chan [replproto.HeaderSize]byte
 	dead       chan struct{} // closed by shutdown
 	writerDone chan struct{}
+	readerDone chan struct{} // closed when the reader will register no more frames
 	deadOnce   sync.Once
 
 	mu     sync.Mutex // guards following (cond waits on it)

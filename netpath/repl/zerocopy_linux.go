@@ -26,10 +26,7 @@ type zcSys struct {
 	// completion half
 	rmsg   unix.Msghdr
 	oob    [64]uint64 // control messages, 8-byte aligned
-	pfd    [1]unix.PollFd
-	ts     unix.Timespec
 	notes  []zcNote
-	hup    bool
 	pollFn func(fd uintptr)
 }
 
@@ -61,7 +58,6 @@ func (z *zcSys) init() {
 	z.pollFn = z.reap
 	z.msg.Iov = &z.iov[0]
 	z.rmsg.Control = (*byte)(unsafe.Pointer(&z.oob[0]))
-	z.ts = unix.NsecToTimespec(int64(zcPollInterval))
 }
 
 // sendmsg is the RawConn.Write callback: one sendmsg(MSG_ZEROCOPY) of the
@@ -115,21 +111,16 @@ func (z *zcSys) sendZeroCopy(rc syscall.RawConn, hdr, payload []byte, off int) (
 // memory or option memory: the frame falls back to writev.
 func errNoBufs(err error) bool { return errors.Is(err, unix.ENOBUFS) }
 
-// poll waits up to zcPollInterval for the socket's error queue and reaps
-// every zero-copy completion on it into z.notes.
+// poll reaps every zero-copy completion queued on the socket's error
+// queue into z.notes, without blocking.
 func (z *zcSys) poll(rc syscall.RawConn) error {
-	z.notes, z.hup = z.notes[:0], false
+	z.notes = z.notes[:0]
 	return rc.Control(z.pollFn)
 }
 
 // reap is the RawConn.Control callback of poll. The Control reference keeps
 // the descriptor from being closed (and its number reused) while it runs.
 func (z *zcSys) reap(fd uintptr) {
-	z.pfd[0] = unix.PollFd{Fd: int32(fd)} // POLLERR and POLLHUP are always reported
-	n, err := unix.Ppoll(z.pfd[:], &z.ts, nil)
-	if err != nil || n == 0 {
-		return
-	}
 	for {
 		z.rmsg.Controllen = uint64(len(z.oob) * 8)
 		z.rmsg.Iov, z.rmsg.Iovlen = nil, 0
@@ -138,12 +129,9 @@ func (z *zcSys) reap(fd uintptr) {
 			continue
 		}
 		if e != 0 {
-			break // EAGAIN: the queue is empty
+			return // EAGAIN: the queue is empty
 		}
 		z.parse(int(z.rmsg.Controllen))
-	}
-	if len(z.notes) == 0 && z.pfd[0].Revents&(unix.POLLHUP|unix.POLLERR|unix.POLLNVAL) != 0 {
-		z.hup = true // an error or hang-up, not a notification: the stream is ending
 	}
 }
 

@@ -11,7 +11,6 @@ import (
 
 type zcSys struct {
 	notes []zcNote
-	hup   bool
 }
 
 type zcNote struct {
