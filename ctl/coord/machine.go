@@ -232,7 +232,8 @@ func (m *Machine) register(at time.Time, req *coordapi.RegisterRequest) Result {
 		return fail(coordapi.CodeConflict, "node %s is registered in zone %q and holds %d replicas: its zone cannot change to %q", n.ID, n.Zone, len(n.vols), req.Zone)
 	}
 	if n == nil {
-		n = &node{ID: req.Node, Registered: at, Since: at, vols: map[coordapi.VolumeID]struct{}{}}
+		// Up from the start: its first lease is granted below.
+		n = &node{ID: req.Node, Registered: at, Since: at, Up: true, vols: map[coordapi.VolumeID]struct{}{}}
 		m.nodes[n.ID] = n
 		m.emit(Event{Kind: EventNodeRegistered, Node: n.ID, Reason: "zone " + zoneName(req.Zone)})
 	}
@@ -268,9 +269,7 @@ func (m *Machine) renew(at time.Time, n *node, capacity, free int64, reports []c
 	if !n.Up {
 		n.Up = true
 		n.Since = at
-		if !n.Registered.Equal(at) {
-			m.emit(Event{Kind: EventNodeUp, Node: n.ID})
-		}
+		m.emit(Event{Kind: EventNodeUp, Node: n.ID})
 	}
 	var ignored []coordapi.IgnoredReport
 	for _, rep := range reports {

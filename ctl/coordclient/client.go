@@ -20,13 +20,26 @@
 //
 // # Lease
 //
-// See coordapi.Lease for the timing argument. The Agent records the
-// monotonic time at which it sends each heartbeat and, when the answer
-// arrives, trusts its lease until coordapi.Lease.NodeDeadline of that send
-// time. It keeps at most one heartbeat in flight and discards an answer
-// that arrives after the attempt's deadline, so an old answer never pairs
-// old assignments with a newer deadline. LeaseValid and Authority are what
-// the data path consults before acknowledging a write.
+// The Agent records the monotonic time s at which it sends each heartbeat
+// and, when the answer arrives, trusts its lease until
+//
+//	node deadline = s + L·(1-ρ) - m          (its own monotonic clock)
+//
+// while the coordinator's leader, which stamped the heartbeat with its
+// clock at T after receiving it (so after s), may expire the node only at
+//
+//	coordinator expiry = T + L·(1+ρ)         (the leader's clock)
+//
+// with L the lease duration, ρ the bound on any clock's rate error and m a
+// margin. A clock running at most ρ off makes the first span at most
+// L - m/(1-ρ) of real time and the second at least L, so the node stops
+// acknowledging writes strictly before the coordinator can promote another
+// primary. (coordapi.Lease gives the full argument, including coordinator
+// leader changes.) The Agent keeps at most one heartbeat in flight and
+// discards an answer that arrives after the attempt's deadline, so an old
+// answer never pairs old assignments with a newer deadline; per volume it
+// never goes back to an older epoch. LeaseValid and Authority are what the
+// data path consults before acknowledging a write.
 package coordclient
 
 import (
