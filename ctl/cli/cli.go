@@ -1,8 +1,9 @@
-// Package cli owns keel's coordinator-facing cobra commands: `keel coord`
-// (run one member of a coordinator cell), the operator commands
+// Package cli owns keel's operator commands against the coordinator:
 // `keel volume create|list|status|delete` and `keel node list|drain`. The
 // keel binary attaches them; `keel node` itself (the storage daemon) is the
-// node package's, which adds NodeAdminCommands under it.
+// node package's, which adds NodeAdminCommands under it. (`keel coord`,
+// which runs a cell member, is ctl/coordsvc's CoordCommand: this package
+// may not import that one.)
 //
 // Every operator command takes --coord (one or more member URLs; default
 // $KEEL_COORD, else http://127.0.0.1:7400), --output table|json and

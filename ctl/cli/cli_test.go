@@ -5,10 +5,8 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
-	"io"
 	"regexp"
 	"strings"
-	"sync"
 	"testing"
 	"time"
 
@@ -136,15 +134,6 @@ func TestBadFlags(t *testing.T) {
 		{VolumeCommand, []string{"list", "--coord", "127.0.0.1:7400"}, "want http://host:port"},
 		{VolumeCommand, []string{"status", "x", "--impaired"}, "not both"},
 		{nodeCmd, []string{"drain"}, "the node's ID"},
-		{CoordCommand, nil, "--id is required"},
-		{CoordCommand, []string{"--id", "c1"}, "--data-dir is required"},
-		{CoordCommand, []string{"--id", "c 1"}, "--id"},
-		{CoordCommand, []string{"--id", "c1", "--data-dir", "d", "--raft-addr", "0.0.0.0:7401"}, "concrete IP"},
-		{CoordCommand, []string{"--id", "c1", "--data-dir", "d", "--raft-addr", "7401"}, "give host:port"},
-		{CoordCommand, []string{"--id", "c1", "--data-dir", "d", "--join", "127.0.0.1:7400"}, "API URL"},
-		{CoordCommand, []string{"--id", "c1", "--data-dir", "d", "--lease", "10s", "--heartbeat-interval", "9s"}, "at most a third"},
-		{CoordCommand, []string{"--id", "c1", "--data-dir", "d", "--reserve", "1.5"}, "reserve_fraction"},
-		{CoordCommand, []string{"--id", "c1", "--data-dir", "d", "--log-level", "loud"}, "--log-level"},
 	} {
 		_, err := run(t, tc.cmd(), tc.args...)
 		if err == nil || !strings.Contains(err.Error(), tc.want) {
@@ -157,73 +146,6 @@ func TestUnreachableCoordinator(t *testing.T) {
 	_, err := run(t, VolumeCommand(), "list", "--coord", "http://127.0.0.1:1", "--timeout", "2s")
 	if err == nil || !strings.Contains(err.Error(), "cannot reach the coordinator at http://127.0.0.1:1") {
 		t.Fatalf("got %v", err)
-	}
-}
-
-// syncBuffer lets the test read what the running command printed.
-type syncBuffer struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (s *syncBuffer) Write(p []byte) (int, error) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.Write(p)
-}
-
-func (s *syncBuffer) String() string {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.String()
-}
-
-// keel coord runs a member until its context ends.
-func TestCoordCommand(t *testing.T) {
-	cmd := CoordCommand()
-	out := &syncBuffer{}
-	cmd.SetOut(out)
-	cmd.SetErr(io.Discard)
-	cmd.SetArgs([]string{"--id", "c1", "--data-dir", t.TempDir(), "--listen", "127.0.0.1:0", "--raft-addr", "127.0.0.1:0", "--log-level", "error", "--reserve", "0.3"})
-	ctx, cancel := context.WithCancel(context.Background())
-	done := make(chan error, 1)
-	go func() { done <- cmd.ExecuteContext(ctx) }()
-	re := regexp.MustCompile(`API (http://127\.0\.0\.1:\d+)`)
-	var url string
-	deadline := time.Now().Add(20 * time.Second)
-	for url == "" {
-		if m := re.FindStringSubmatch(out.String()); m != nil {
-			url = m[1]
-			break
-		}
-		select {
-		case err := <-done:
-			t.Fatalf("coord exited: %v (%s)", err, out.String())
-		default:
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("no API address printed: %q", out.String())
-		}
-		time.Sleep(20 * time.Millisecond)
-	}
-	c, _ := coordclient.New(coordclient.Config{URLs: []string{url}, Attempts: 50, Backoff: coordclient.Backoff{Base: 20 * time.Millisecond, Max: 200 * time.Millisecond}})
-	rctx, rcancel := context.WithTimeout(ctx, 20*time.Second)
-	defer rcancel()
-	// The --reserve flag becomes the cell's configuration once a leader
-	// commits it.
-	for {
-		cfg, err := c.Config(rctx)
-		if err == nil && cfg.ReserveFraction == 0.3 {
-			break
-		}
-		if rctx.Err() != nil {
-			t.Fatalf("configuration from flags not committed: %v %v", cfg, err)
-		}
-		time.Sleep(20 * time.Millisecond)
-	}
-	cancel()
-	if err := <-done; err != nil {
-		t.Fatalf("coord stopped with %v", err)
 	}
 }
 

@@ -1,4 +1,4 @@
-package cli
+package coordsvc
 
 import (
 	"errors"
@@ -14,12 +14,13 @@ import (
 	"github.com/spf13/cobra"
 
 	"keel/ctl/coordapi"
-	"keel/ctl/coordsvc"
 )
 
-// CoordCommand is `keel coord`: one member of a coordinator cell.
+// CoordCommand is `keel coord`: one member of a coordinator cell. It lives
+// here rather than in ctl/cli because it runs a Server, and ctl/cli, a
+// service like this package, may not import it.
 func CoordCommand() *cobra.Command {
-	var cfg coordsvc.Config
+	var cfg Config
 	cell := coordapi.DefaultConfig()
 	var logLevel string
 	cmd := &cobra.Command{
@@ -72,7 +73,7 @@ first leader finds none in the replicated state.`,
 			cfg.Logger = slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: level}))
 			ctx, stop := signal.NotifyContext(cmd.Context(), syscall.SIGINT, syscall.SIGTERM)
 			defer stop()
-			s, err := coordsvc.New(cfg)
+			s, err := New(cfg)
 			if err != nil {
 				return err
 			}
