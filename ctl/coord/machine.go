@@ -169,6 +169,10 @@ func (m *Machine) Apply(c Command) Result {
 		at = m.now
 	}
 	var r Result
+	if _, ok := c.payloads(); !ok {
+		r = Result{Err: coordapi.Errorf(coordapi.CodeBadRequest, "command %q must carry exactly its own payload", c.Op)}
+		return r
+	}
 	switch c.Op {
 	case OpConfigure:
 		r = m.configure(c.Configure)

@@ -481,3 +481,17 @@ func fmtVolume(v coordapi.Volume) string {
 	return fmt.Sprintf("%s %s size=%s replicas=%d epoch=%d primary=%s members=%s state=%s since=%s: %s",
 		v.ID, v.Name, gib(v.Size), v.Replicas, v.Epoch, prim, strings.Join(mem, ","), v.State, rel(v.Since), v.Reason)
 }
+
+// A command without its payload (a caller bug, not a log entry: those are
+// checked by DecodeCommand) is refused, not a panic.
+func TestApplyWithoutPayload(t *testing.T) {
+	m := coord.New(coordapi.Config{})
+	for _, op := range []coord.Op{coord.OpConfigure, coord.OpRegister, coord.OpHeartbeat, coord.OpReplicaLoss, coord.OpCreateVolume, coord.OpDeleteVolume, coord.OpDrain, coord.OpSetMember, coord.OpRemoveMember, "bogus"} {
+		if r := m.Apply(coord.Command{Op: op, At: base}); r.Err == nil || r.Err.Code != coordapi.CodeBadRequest {
+			t.Errorf("%s without payload: %v", op, r.Err)
+		}
+	}
+	if r := m.Apply(coord.Command{Op: coord.OpTick, At: base, Drain: &coord.Drain{Node: "n1"}}); r.Err == nil {
+		t.Error("tick with a payload accepted")
+	}
+}
