@@ -169,9 +169,8 @@ func (m *Machine) Apply(c Command) Result {
 		at = m.now
 	}
 	var r Result
-	if _, ok := c.payloads(); !ok {
-		r = Result{Err: coordapi.Errorf(coordapi.CodeBadRequest, "command %q must carry exactly its own payload", c.Op)}
-		return r
+	if _, ok := c.payloads(); !ok { // also refuses an unknown op
+		return Result{Err: coordapi.Errorf(coordapi.CodeBadRequest, "command %q must carry exactly its own payload", c.Op)}
 	}
 	switch c.Op {
 	case OpConfigure:
@@ -196,8 +195,6 @@ func (m *Machine) Apply(c Command) Result {
 		r = m.setMember(c.SetMember)
 	case OpRemoveMember:
 		r = m.removeMember(c.RemoveMember)
-	default:
-		r = Result{Err: coordapi.Errorf(coordapi.CodeBadRequest, "unknown operation %q", c.Op)}
 	}
 	if r.Err == nil && c.Op != OpRebase {
 		m.now = at
