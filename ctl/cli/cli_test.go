@@ -65,7 +65,7 @@ func nodeCmd() *cobra.Command {
 func TestVolumeAndNodeCommands(t *testing.T) {
 	url := startCell(t)
 	out, err := run(t, VolumeCommand(), "create", "data", "--size", "1G", "--replicas", "2", "--coord", url)
-	if err != nil || !strings.Contains(out, "created data (vol-1), 1GiB, 2 replicas") {
+	if err != nil || !strings.Contains(out, "created data (vol-1), 1GiB, 2 replica(s)") {
 		t.Fatalf("create: %q %v", out, err)
 	}
 	out, err = run(t, VolumeCommand(), "list", "--coord", url)

@@ -60,7 +60,7 @@ func volumeCreate(o *opts) *cobra.Command {
 			if o.output == "json" {
 				return o.json(cmd.OutOrStdout(), v)
 			}
-			fmt.Fprintf(cmd.OutOrStdout(), "created %s (%s), %s, %d replicas on %s, primary %s, epoch %d\n",
+			fmt.Fprintf(cmd.OutOrStdout(), "created %s (%s), %s, %d replica(s) on %s, primary %s, epoch %d\n",
 				v.Name, v.ID, human(v.Size), v.Replicas, joinIDs(memberIDs(v)), v.Primary, v.Epoch)
 			return nil
 		},
