@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"math/rand/v2"
 	"net"
 	"sync"
 	"sync/atomic"
@@ -315,33 +316,101 @@ func (p *Peer) markDown(st *stream) {
 }
 
 // connect dials the peer and runs the handshake: HELLO, then HELLO_ACK
-// naming the node we meant to reach.
+// naming the node we meant to reach. When MSG_ZEROCOPY can be used on the
+// connection, the stream is split: the first connection carries only
+// frames (this side never reads it again: a zero-copy completion alone on
+// its error queue would fail reads through Go's netpoller), and a second
+// connection carries the replies.
 func (p *Peer) connect() (*stream, error) {
 	ctx, cancel := context.WithTimeout(p.ctx, p.cfg.DialTimeout)
 	defer cancel()
+	conn, err := p.dial(ctx)
+	if err != nil {
+		return nil, err
+	}
+	// The connections made so far are closed when the deadline or Close
+	// fires during the handshake (the AfterFunc runs on its own goroutine).
+	var cmu sync.Mutex
+	conns := []net.Conn{conn}
+	closed := false
+	closeAll := func() {
+		cmu.Lock()
+		defer cmu.Unlock()
+		closed = true
+		for _, c := range conns {
+			c.Close()
+		}
+	}
+	stop := context.AfterFunc(ctx, closeAll)
+	defer stop()
+
+	var rc syscall.RawConn
+	if sc, ok := conn.(syscall.Conn); ok {
+		rc, _ = sc.SyscallConn()
+	}
+	zcOn := false
+	if p.cfg.ZeroCopyMin > 0 && rc != nil && zcSupported {
+		if err := enableZeroCopy(rc); err != nil {
+			p.m.fallback("unsupported")
+			p.log.Info("MSG_ZEROCOPY unavailable on the replication stream: large frames use writev", "err", err)
+		} else {
+			zcOn = true
+		}
+	}
+	var id uint64
+	var flags replproto.Flags
+	if zcOn {
+		id, flags = rand.Uint64()|1, replproto.FlagSplit
+	}
+	if err := p.handshake(conn, flags, id); err != nil {
+		closeAll()
+		return nil, err
+	}
+	rconn := conn
+	if zcOn {
+		if rconn, err = p.dial(ctx); err != nil {
+			closeAll()
+			return nil, err
+		}
+		cmu.Lock()
+		conns = append(conns, rconn)
+		if closed {
+			rconn.Close()
+		}
+		cmu.Unlock()
+		if err := p.handshake(rconn, replproto.FlagReplies, id); err != nil {
+			closeAll()
+			return nil, fmt.Errorf("reply connection: %w", err)
+		}
+	}
+	if !stop() { // the deadline or Close fired: the connections are closed
+		return nil, ctx.Err()
+	}
+	return newStream(p, conn, rconn, rc, zcOn), nil
+}
+
+func (p *Peer) dial(ctx context.Context) (net.Conn, error) {
 	conn, err := p.cfg.Dial(ctx, "tcp", p.cfg.Addr)
 	if err != nil {
 		p.m.error("dial")
 		return nil, fmt.Errorf("dial %s: %w", p.cfg.Addr, err)
 	}
-	stop := context.AfterFunc(ctx, func() { conn.Close() })
-	defer stop()
-	if err := p.handshake(conn); err != nil {
-		p.m.error("handshake")
-		conn.Close()
-		return nil, err
-	}
-	if !stop() { // the deadline or Close fired: conn is closed
-		return nil, ctx.Err()
-	}
-	return newStream(p, conn), nil
+	return conn, nil
 }
 
-func (p *Peer) handshake(conn net.Conn) error {
+func (p *Peer) handshake(conn net.Conn, flags replproto.Flags, id uint64) error {
+	if err := p.hello(conn, flags, id); err != nil {
+		p.m.error("handshake")
+		return err
+	}
+	return nil
+}
+
+func (p *Peer) hello(conn net.Conn, flags replproto.Flags, id uint64) error {
 	deadline := time.Now().Add(p.cfg.FrameTimeout)
 	conn.SetDeadline(deadline)
 	var b [replproto.HeaderSize]byte
-	hello := replproto.Header{Type: replproto.TypeHello, Aux: p.cfg.Self, Offset: p.cfg.Node}
+	hello := replproto.Header{Type: replproto.TypeHello, Flags: flags, Volume: id, Aux: p.cfg.Self, Offset: p.cfg.Node}
 	hello.Encode(&b)
 	if _, err := conn.Write(b[:]); err != nil {
 		return fmt.Errorf("handshake with %s: %w", p.cfg.Addr, err)
@@ -383,10 +452,11 @@ const maxBatch = 64
 // also runs the deadline watchdog and the pings), the receiver (ACK, NACK,
 // PONG) and, when MSG_ZEROCOPY is on, the completion reaper.
 type stream struct {
-	p    *Peer
-	conn net.Conn
-	rc   syscall.RawConn // nil unless TCP
-	base time.Time       // clock origin for queued times and pings
+	p     *Peer
+	conn  net.Conn        // frames (and replies, unless split)
+	rconn net.Conn        // replies: conn, or the split stream's reply connection
+	rc    syscall.RawConn // conn's, nil unless TCP
+	base  time.Time       // clock origin for queued times and pings
 
 	timeout, pingEvery int64 // nanoseconds
 	zcMin              int
@@ -408,11 +478,12 @@ type stream struct {
 	wg sync.WaitGroup
 
 	// Sender goroutine only.
-	batch []*Op
-	iov   [][]byte
-	wbufs net.Buffers
-	ping  [replproto.HeaderSize]byte
-	zsys  zcSys
+	batch    []*Op
+	payloads [][]byte
+	iov      [][]byte
+	wbufs    net.Buffers
+	ping     [replproto.HeaderSize]byte
+	zsys     zcSys
 
 	// Receiver goroutine only.
 	br   *bufio.Reader
@@ -425,10 +496,15 @@ type stream struct {
 	sdone []*Op
 }
 
-func newStream(p *Peer, conn net.Conn) *stream {
+// newStream takes over conn (frames) and rconn (replies: conn itself
+// unless the stream is split).
+func newStream(p *Peer, conn, rconn net.Conn, rc syscall.RawConn, zcOn bool) *stream {
 	st := &stream{
 		p:         p,
 		conn:      conn,
+		rconn:     rconn,
+		rc:        rc,
+		zcOn:      zcOn,
 		base:      time.Now(),
 		timeout:   int64(p.cfg.FrameTimeout),
 		pingEvery: int64(p.cfg.PingInterval),
@@ -439,23 +515,11 @@ func newStream(p *Peer, conn net.Conn) *stream {
 		zcKick:    make(chan struct{}, 1),
 		win:       newWindow(p.cfg.WindowFrames, p.cfg.WindowBytes),
 		batch:     make([]*Op, 0, maxBatch),
+		payloads:  make([][]byte, 0, maxBatch),
 		iov:       make([][]byte, 0, 2*maxBatch),
-		br:        bufio.NewReaderSize(conn, 64<<10),
+		br:        bufio.NewReaderSize(rconn, 64<<10),
 	}
 	st.zsys.init()
-	if sc, ok := conn.(syscall.Conn); ok {
-		if rc, err := sc.SyscallConn(); err == nil {
-			st.rc = rc
-		}
-	}
-	if st.zcMin > 0 && st.rc != nil && zcSupported {
-		if err := enableZeroCopy(st.rc); err != nil {
-			p.m.fallback("unsupported")
-			p.log.Info("MSG_ZEROCOPY unavailable on the replication stream: large frames use writev", "err", err)
-		} else {
-			st.zcOn = true
-		}
-	}
 	return st
 }
 
@@ -492,10 +556,12 @@ func (st *stream) fail(err error) {
 	st.mu.Unlock()
 	st.p.markDown(st)
 	close(st.dead)
-	if tc, ok := st.conn.(*net.TCPConn); ok {
-		tc.SetLinger(0)
+	for _, c := range [2]net.Conn{st.conn, st.rconn} {
+		if tc, ok := c.(*net.TCPConn); ok {
+			tc.SetLinger(0)
+		}
+		c.Close() // the second Close of an unsplit stream's conn is harmless
 	}
-	st.conn.Close()
 }
 
 // failAll finishes every op left in the window once the goroutines have
@@ -607,9 +673,15 @@ func (st *stream) sendLoop() {
 
 // sendBatch writes first and whatever else is queued: small frames
 // together with one writev straight from the callers' buffers, large ones
-// with MSG_ZEROCOPY. After a frame's last byte is handed to the kernel the
-// sender does not touch the op again (its ACK may finish it at once),
-// except a zero-copy op, which stays pending until its completion.
+// with MSG_ZEROCOPY.
+//
+// The sender reads every op's fields (encoding its header) before the
+// first byte goes out, then passes through st.mu: an ACK can only be
+// handled (under st.mu) after its frame was sent, so this orders the reads
+// before the op's finish, and before its owner reuses it, in the memory
+// model and not only through the network. After that the sender touches an
+// op only through its header array (handed to the kernel) and, for a
+// zero-copy op, under st.mu while its completion is pending.
 func (st *stream) sendBatch(first *Op) error {
 	batch := append(st.batch[:0], first)
 drain:
@@ -621,11 +693,7 @@ drain:
 			break drain
 		}
 	}
-	if err := st.conn.SetWriteDeadline(time.Now().Add(time.Duration(st.timeout))); err != nil {
-		return err
-	}
-	iov := st.iov[:0]
-	var frames, wire, payload, copied int
+	payloads := st.payloads[:0]
 	for _, op := range batch {
 		r := &op.Req
 		h := replproto.Header{Type: r.Type, Flags: r.Flags, Volume: r.Volume, Epoch: r.Epoch,
@@ -635,6 +703,19 @@ drain:
 		if r.Type.HasPayload() {
 			p = r.Payload
 		}
+		payloads = append(payloads, p)
+	}
+	//lint:ignore SA2001 the empty critical section is the happens-before edge described above
+	st.mu.Lock()
+	st.mu.Unlock()
+
+	if err := st.conn.SetWriteDeadline(time.Now().Add(time.Duration(st.timeout))); err != nil {
+		return err
+	}
+	iov := st.iov[:0]
+	var frames, wire, payload int
+	for i, op := range batch {
+		p := payloads[i]
 		if st.zcOn && len(p) >= st.zcMin {
 			if len(iov) > 0 {
 				if err := st.writev(iov); err != nil {
@@ -654,7 +735,6 @@ drain:
 		frames++
 		wire += replproto.HeaderSize + len(p)
 		payload += len(p)
-		copied += len(p)
 	}
 	if len(iov) > 0 {
 		if err := st.writev(iov); err != nil {
@@ -662,12 +742,13 @@ drain:
 		}
 	}
 	clear(batch)
-	st.batch = batch[:0]
+	clear(payloads)
+	st.batch, st.payloads = batch[:0], payloads[:0]
 	m := st.p.m
 	m.txFrames.Add(float64(frames))
 	m.txBytes.Add(float64(wire))
 	m.payload.Add(float64(payload))
-	m.kernelCopy.Add(float64(copied))
+	m.kernelCopy.Add(float64(payload)) // writev: the kernel copies into socket buffers
 	return nil
 }
 

@@ -444,11 +444,11 @@ func TestDownPeerRefusesAtOnce(t *testing.T) {
 }
 
 // metricSum adds up every sample of the counter or gauge name in reg.
-func metricSum(t *testing.T, reg *prometheus.Registry, name string) float64 {
-	t.Helper()
+func metricSum(tb testing.TB, reg *prometheus.Registry, name string) float64 {
+	tb.Helper()
 	mfs, err := reg.Gather()
 	if err != nil {
-		t.Fatal(err)
+		tb.Fatal(err)
 	}
 	var s float64
 	for _, mf := range mfs {

@@ -89,6 +89,7 @@ type Server struct {
 	vols      map[uint64]*volState
 	streams   map[*sconn]struct{}
 	byPrimary map[uint64]*sconn // the newest stream from each primary node
+	splits    map[splitKey]*sconn
 	listeners map[net.Listener]struct{}
 	closed    bool
 
@@ -133,6 +134,7 @@ func NewServer(cfg ServerConfig) *Server {
 		vols:      make(map[uint64]*volState),
 		streams:   make(map[*sconn]struct{}),
 		byPrimary: make(map[uint64]*sconn),
+		splits:    make(map[splitKey]*sconn),
 		listeners: make(map[net.Listener]struct{}),
 	}
 	for _, t := range []replproto.Type{replproto.TypeWrite, replproto.TypeTrim, replproto.TypeZeroes, replproto.TypeFlush} {
@@ -188,10 +190,12 @@ func (s *Server) Serve(l net.Listener) error {
 func (s *Server) ServeConn(c net.Conn) error {
 	sc := &sconn{
 		s: s, conn: c,
-		replies:    make(chan [replproto.HeaderSize]byte, s.cfg.StreamFrames+16),
+		wake:       make(chan struct{}, 1),
+		attach:     make(chan struct{}, 1),
 		dead:       make(chan struct{}),
 		writerDone: make(chan struct{}),
 		readerDone: make(chan struct{}),
+		pending:    make([]byte, 0, maxBatch*replproto.HeaderSize),
 		wbuf:       make([]byte, 0, maxBatch*replproto.HeaderSize),
 	}
 	sc.cond.L = &sc.mu
@@ -213,11 +217,35 @@ func (s *Server) ServeConn(c net.Conn) error {
 		s.streamWG.Done()
 	}()
 
-	if err := sc.handshake(); err != nil {
+	refused := func(err error) error {
 		sc.shutdown()
 		close(sc.writerDone)
 		s.log.Warn("replication stream refused", "remote", c.RemoteAddr().String(), "err", err)
 		return err
+	}
+	hello, err := sc.handshake()
+	if err != nil {
+		return refused(err)
+	}
+	switch {
+	case hello.Flags&replproto.FlagReplies != 0:
+		// The reply connection of a split stream: hand it to the stream.
+		if err := s.attachReplies(sc, &hello); err != nil {
+			return refused(err)
+		}
+		return nil
+	case hello.Flags&replproto.FlagSplit != 0:
+		if err := sc.ack(); err != nil {
+			return refused(err)
+		}
+		if err := s.awaitReplies(sc, hello.Volume); err != nil {
+			return refused(err)
+		}
+	default:
+		if err := sc.ack(); err != nil {
+			return refused(err)
+		}
+		sc.wconn = c
 	}
 	// A new stream from a primary node supersedes its older one: the
 	// primary keeps one stream per peer, so the old one is dead to it.
@@ -233,7 +261,7 @@ func (s *Server) ServeConn(c net.Conn) error {
 		<-old.readerDone
 	}
 	go sc.writeLoop()
-	err := sc.readLoop()
+	err = sc.readLoop()
 	close(sc.readerDone)
 	sc.shutdown()
 	<-sc.writerDone
@@ -248,6 +276,61 @@ func (s *Server) ServeConn(c net.Conn) error {
 		s.log.Warn("replication stream closed", "primary", sc.primary, "err", err)
 	}
 	return err
+}
+
+// splitKey names a split stream awaiting its reply connection.
+type splitKey struct{ primary, id uint64 }
+
+// awaitReplies registers sc, the frame connection of split stream id, and
+// waits for its reply connection.
+func (s *Server) awaitReplies(sc *sconn, id uint64) error {
+	key := splitKey{sc.primary, id}
+	s.mu.Lock()
+	s.splits[key] = sc
+	s.mu.Unlock()
+	t := time.NewTimer(s.cfg.IdleTimeout)
+	defer t.Stop()
+	var err error
+	select {
+	case <-sc.attach:
+	case <-t.C:
+		err = fmt.Errorf("%w: split stream %d: no reply connection within %v", ErrProtocol, id, s.cfg.IdleTimeout)
+	case <-sc.dead:
+		err = ErrClosed
+	}
+	s.mu.Lock()
+	if s.splits[key] == sc {
+		delete(s.splits, key)
+	}
+	s.mu.Unlock()
+	return err
+}
+
+// attachReplies hands rc's connection to the split stream its HELLO names
+// as that stream's reply connection. On success the stream owns the
+// connection.
+func (s *Server) attachReplies(rc *sconn, h *replproto.Header) error {
+	key := splitKey{rc.primary, h.Volume}
+	s.mu.Lock()
+	target := s.splits[key]
+	delete(s.splits, key)
+	s.mu.Unlock()
+	if target == nil {
+		return rc.refuse(replproto.ReasonInvalid, fmt.Errorf("%w: reply connection for unknown stream %d of node %d", ErrProtocol, h.Volume, rc.primary))
+	}
+	if err := rc.ack(); err != nil {
+		target.shutdown()
+		return err
+	}
+	target.mu.Lock()
+	if target.closed {
+		target.mu.Unlock()
+		return ErrClosed
+	}
+	target.wconn = rc.conn
+	target.mu.Unlock()
+	target.attach <- struct{}{}
+	return nil
 }
 
 // Close stops accepting, closes every stream, waits for the frames being
@@ -539,10 +622,12 @@ func (s *Server) dispatch(sc *sconn, h *replproto.Header, buf *iobuf.Buf, credit
 // queue replies; its writer goroutine writes the replies in batches.
 type sconn struct {
 	s          *Server
-	conn       net.Conn
+	conn       net.Conn // frames (and replies, unless split)
+	wconn      net.Conn // replies; set before the writer starts, under mu
+	attach     chan struct{}
 	primary    uint64 // the primary's node id, from HELLO
 	rx         prometheus.Counter
-	replies    chan [replproto.HeaderSize]byte
+	wake       chan struct{} // capacity 1: replies are pending
 	dead       chan struct{} // closed by shutdown
 	writerDone chan struct{}
 	readerDone chan struct{} // closed when the reader will register no more frames
@@ -559,9 +644,17 @@ type sconn struct {
 	h     replproto.Header
 	ready []*sframe
 
+	wmu     sync.Mutex // guards pending
+	pending []byte     // encoded replies the writer has not taken yet
+
 	// Writer only.
 	wbuf []byte
 }
+
+// maxPendingPongs bounds the replies queued for a writer beyond which
+// PONGs are dropped: a primary that floods PINGs without reading cannot
+// grow the queue. ACKs and NACKs are bounded by the stream credit.
+const maxPendingPongs = 1 << 20
 
 // shutdown ends the stream: the reader and writer stop, replies still
 // being produced by workers are dropped.
@@ -571,8 +664,12 @@ func (sc *sconn) shutdown() {
 		sc.conn.Close()
 		sc.mu.Lock()
 		sc.closed = true
+		w := sc.wconn
 		sc.cond.Broadcast()
 		sc.mu.Unlock()
+		if w != nil && w != sc.conn {
+			w.Close()
+		}
 	})
 }
 
@@ -601,56 +698,72 @@ func (sc *sconn) release(n int) {
 	sc.mu.Unlock()
 }
 
-// send queues a reply for the writer; it is dropped once the stream has
+// send queues a reply for the writer, encoding it straight into the
+// pending batch; the writer drops whatever is pending once the stream has
 // ended.
 func (sc *sconn) send(h *replproto.Header) {
-	var b [replproto.HeaderSize]byte
-	h.Encode(&b)
+	sc.wmu.Lock()
+	n := len(sc.pending)
+	if h.Type == replproto.TypePong && n >= maxPendingPongs {
+		sc.wmu.Unlock()
+		return
+	}
+	sc.pending = append(sc.pending, make([]byte, replproto.HeaderSize)...)
+	h.Encode((*[replproto.HeaderSize]byte)(sc.pending[n:]))
+	sc.wmu.Unlock()
 	select {
-	case sc.replies <- b:
-	case <-sc.dead:
+	case sc.wake <- struct{}{}:
+	default:
 	}
 }
 
-// handshake reads HELLO and answers it directly (before the writer runs).
-func (sc *sconn) handshake() error {
+// handshake reads and checks HELLO; the caller answers it (ack) once it
+// knows what to do with the connection. Answers go directly on the
+// connection, before any writer runs.
+func (sc *sconn) handshake() (replproto.Header, error) {
 	s := sc.s
 	sc.conn.SetDeadline(time.Now().Add(s.cfg.IdleTimeout))
+	var h replproto.Header
 	if _, err := io.ReadFull(sc.conn, sc.hdr[:]); err != nil {
-		return fmt.Errorf("reading HELLO: %w", err)
-	}
-	h := &sc.h
-	refuse := func(reason replproto.Reason, err error) error {
-		r := replproto.Header{Type: replproto.TypeNack, Code: reason}
-		var b [replproto.HeaderSize]byte
-		r.Encode(&b)
-		sc.conn.Write(b[:])
-		return err
+		return h, fmt.Errorf("reading HELLO: %w", err)
 	}
 	if err := h.Decode(&sc.hdr); err != nil {
 		s.m.srvBad.WithLabelValues(malformedWhat(err)).Inc()
 		if errors.Is(err, replproto.ErrBadVersion) {
-			return refuse(replproto.ReasonVersion, err)
+			return h, sc.refuse(replproto.ReasonVersion, err)
 		}
-		return fmt.Errorf("%w: %w", ErrProtocol, err)
+		return h, fmt.Errorf("%w: %w", ErrProtocol, err)
 	}
 	if h.Type != replproto.TypeHello {
 		s.m.srvBad.WithLabelValues("unexpected_type").Inc()
-		return fmt.Errorf("%w: stream opened with %s, not HELLO", ErrProtocol, h.Type)
+		return h, fmt.Errorf("%w: stream opened with %s, not HELLO", ErrProtocol, h.Type)
 	}
 	if h.Offset != 0 && h.Offset != s.cfg.Node {
-		return refuse(replproto.ReasonWrongNode, fmt.Errorf("%w: HELLO from node %d for node %d, this is %d", ErrRefused, h.Aux, h.Offset, s.cfg.Node))
+		return h, sc.refuse(replproto.ReasonWrongNode, fmt.Errorf("%w: HELLO from node %d for node %d, this is %d", ErrRefused, h.Aux, h.Offset, s.cfg.Node))
 	}
 	sc.primary = h.Aux
 	sc.rx = s.m.srvRxBytes.WithLabelValues(strconv.FormatUint(sc.primary, 10))
-	r := replproto.Header{Type: replproto.TypeHelloAck, Aux: s.cfg.Node}
+	return h, nil
+}
+
+// ack answers HELLO with HELLO_ACK.
+func (sc *sconn) ack() error {
+	r := replproto.Header{Type: replproto.TypeHelloAck, Aux: sc.s.cfg.Node}
 	var b [replproto.HeaderSize]byte
 	r.Encode(&b)
 	if _, err := sc.conn.Write(b[:]); err != nil {
 		return err
 	}
-	sc.conn.SetDeadline(time.Time{})
-	return nil
+	return sc.conn.SetDeadline(time.Time{})
+}
+
+// refuse answers HELLO with a NACK and returns err.
+func (sc *sconn) refuse(reason replproto.Reason, err error) error {
+	r := replproto.Header{Type: replproto.TypeNack, Code: reason}
+	var b [replproto.HeaderSize]byte
+	r.Encode(&b)
+	sc.conn.Write(b[:])
+	return err
 }
 
 // malformedWhat names a decode error for the malformed-stream metric.
@@ -720,30 +833,25 @@ func (sc *sconn) readLoop() error {
 	}
 }
 
-// writeLoop writes queued replies, batching those that are ready together
-// into one write.
+// writeLoop writes the pending replies, all that have accumulated in one
+// write, swapping the pending buffer with its own (double buffering).
 func (sc *sconn) writeLoop() {
 	defer close(sc.writerDone)
 	wt := sc.s.cfg.WriteTimeout
 	for {
-		var r [replproto.HeaderSize]byte
 		select {
-		case r = <-sc.replies:
+		case <-sc.wake:
 		case <-sc.dead:
 			return
 		}
-		b := append(sc.wbuf[:0], r[:]...)
-	more:
-		for len(b) < cap(b) {
-			select {
-			case r = <-sc.replies:
-				b = append(b, r[:]...)
-			default:
-				break more
-			}
+		sc.wmu.Lock()
+		sc.pending, sc.wbuf = sc.wbuf[:0], sc.pending
+		sc.wmu.Unlock()
+		if len(sc.wbuf) == 0 {
+			continue
 		}
-		sc.conn.SetWriteDeadline(time.Now().Add(wt))
-		if _, err := sc.conn.Write(b); err != nil {
+		sc.wconn.SetWriteDeadline(time.Now().Add(wt))
+		if _, err := sc.wconn.Write(sc.wbuf); err != nil {
 			sc.shutdown()
 			return
 		}

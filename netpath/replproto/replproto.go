@@ -50,13 +50,24 @@
 // Type-specific fields:
 //
 //	HELLO      aux = sender's node id, offset = node id the sender expects to
-//	           reach (0: any); seq 0
+//	           reach (0: any); seq 0; flags FlagSplit or FlagReplies with
+//	           volume = a stream id the sender chose (below)
 //	HELLO_ACK  aux = replier's node id; seq 0
 //	PING/PONG  aux = sender's clock reading, echoed unchanged by PONG; seq 0
 //	ACK        volume, seq of the request; epoch = replica's epoch
 //	NACK       volume, seq of the request; code = Reason;
 //	           ReasonStaleEpoch: epoch = the replica's (newer) epoch;
 //	           ReasonIO: aux = the errno the replica's disk returned
+//
+// A stream is normally one connection carrying requests one way and
+// replies the other. A primary that sends with MSG_ZEROCOPY splits it in
+// two: the first connection's HELLO has FlagSplit and carries only
+// requests; the primary then opens a second connection whose HELLO has
+// FlagReplies and the same stream id, and the replica writes every reply of
+// the stream there. (Zero-copy completions arrive on the sending socket's
+// error queue, and Go's netpoller fails reads on a socket whose only event
+// is an error-queue one, so the primary must never read the socket it sends
+// zero-copy on.)
 //
 // Offsets plus lengths must not overflow a uint64. Sizes: a header is 64
 // bytes, so a 4 KiB write costs 1.6% framing.
@@ -161,11 +172,19 @@ const (
 	FlagFUA Flags = 1 << 0
 	// FlagNoHole: ZEROES must allocate (not punch a hole).
 	FlagNoHole Flags = 1 << 1
+	// FlagSplit (HELLO): this connection carries the requests of stream
+	// id volume; its replies go on the FlagReplies connection that follows.
+	FlagSplit Flags = 1 << 2
+	// FlagReplies (HELLO): this connection carries the replies of the split
+	// stream id volume.
+	FlagReplies Flags = 1 << 3
 )
 
 // allowedFlags returns the flags a frame of type t may carry.
 func allowedFlags(t Type) Flags {
 	switch {
+	case t == TypeHello:
+		return FlagSplit | FlagReplies
 	case t == TypeZeroes:
 		return FlagFUA | FlagNoHole
 	case t.HasRange():
@@ -271,8 +290,11 @@ func (h *Header) Validate() error {
 	if !t.Known() {
 		return fmt.Errorf("%w: %d", ErrUnknownType, uint8(t))
 	}
-	if h.Flags&^allowedFlags(t) != 0 {
+	if h.Flags&^allowedFlags(t) != 0 || h.Flags&(FlagSplit|FlagReplies) == FlagSplit|FlagReplies {
 		return fmt.Errorf("%w: %s with flags %#x", ErrBadFlags, t, uint16(h.Flags))
+	}
+	if t == TypeHello && (h.Flags&(FlagSplit|FlagReplies) != 0) != (h.Volume != 0) {
+		return fmt.Errorf("%w: HELLO stream id %d with flags %#x (a split stream needs an id, only a split stream has one)", ErrBadField, h.Volume, uint16(h.Flags))
 	}
 	if t.HasPayload() && h.Length > MaxPayload {
 		return fmt.Errorf("%w: %s of %d bytes", ErrTooLarge, t, h.Length)

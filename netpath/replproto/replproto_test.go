@@ -13,6 +13,8 @@ import (
 // starts from them.
 var validHeaders = []Header{
 	{Type: TypeHello, Aux: 7, Offset: 9},
+	{Type: TypeHello, Flags: FlagSplit, Volume: 0xabcdef, Aux: 7, Offset: 9},
+	{Type: TypeHello, Flags: FlagReplies, Volume: 0xabcdef, Aux: 7},
 	{Type: TypeHelloAck, Aux: 9},
 	{Type: TypePing, Aux: 123456789},
 	{Type: TypePong, Aux: 123456789},
@@ -110,6 +112,10 @@ func TestDecodeErrors(t *testing.T) {
 		{"write without seq", with(func(h *Header) { h.Seq = 0 }), ErrBadField},
 		{"ack without seq", enc(Header{Type: TypeAck}), ErrBadField},
 		{"ping with seq", enc(Header{Type: TypePing, Seq: 3}), ErrBadField},
+		{"split and replies", enc(Header{Type: TypeHello, Flags: FlagSplit | FlagReplies, Volume: 1}), ErrBadFlags},
+		{"split without id", enc(Header{Type: TypeHello, Flags: FlagSplit}), ErrBadField},
+		{"id without split", enc(Header{Type: TypeHello, Volume: 5}), ErrBadField},
+		{"split flag on write", with(func(h *Header) { h.Flags = FlagSplit }), ErrBadFlags},
 	}
 	for _, c := range cases {
 		var h Header
