@@ -22,6 +22,16 @@
 // queue. No goroutine is started per write: Fanout takes pooled op structs
 // and waits on one channel.
 //
+// With MSG_ZEROCOPY on (the default for TCP), a stream is two connections:
+// frames go on the first, which this side never reads after the handshake,
+// and replies come back on the second (replproto: FlagSplit/FlagReplies).
+// The reason is Go's netpoller: a zero-copy completion queued on a socket
+// whose send buffer is full raises EPOLLERR alone, and the runtime then
+// fails every pending and later Read on that socket ("not pollable") until
+// another event arrives. Reads from a socket without zero-copy sends are
+// unaffected; writes ignore the error flag. Without zero-copy the stream is
+// one connection.
+//
 // A frame unanswered after FrameTimeout, a PING unanswered as long, a
 // write to the socket blocked as long, a reset, or a protocol violation
 // fails the whole stream: every frame still in its window fails with a

@@ -132,7 +132,11 @@ func TestStreamChurnRace(t *testing.T) {
 	r := startReplica(t, 2, app, repl.ServerConfig{Workers: 8})
 	var losses atomic.Int64
 	cfg := func(i int) repl.PeerConfig {
-		return repl.PeerConfig{Self: uint64(100 + i), Node: 2, Addr: r.addr,
+		zc := 0 // half the streams split (zero-copy on), half on one connection
+		if i%2 == 1 {
+			zc = -1
+		}
+		return repl.PeerConfig{Self: uint64(100 + i), Node: 2, Addr: r.addr, ZeroCopyMin: zc,
 			BackoffMin: time.Millisecond, BackoffMax: 20 * time.Millisecond,
 			OnPeerLost: func(repl.Loss) { losses.Add(1) }}
 	}

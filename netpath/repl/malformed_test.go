@@ -23,13 +23,18 @@ type rawStream struct {
 
 func dialRaw(t *testing.T, r *replica, self, to uint64) (*rawStream, replproto.Header) {
 	t.Helper()
+	return dialRawHello(t, r, replproto.Header{Type: replproto.TypeHello, Aux: self, Offset: to})
+}
+
+func dialRawHello(t *testing.T, r *replica, hello replproto.Header) (*rawStream, replproto.Header) {
+	t.Helper()
 	c, err := net.Dial("tcp", r.addr)
 	if err != nil {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { c.Close() })
 	s := &rawStream{t: t, c: c}
-	s.send(replproto.Header{Type: replproto.TypeHello, Aux: self, Offset: to}, nil)
+	s.send(hello, nil)
 	h, err := s.read()
 	if err != nil {
 		t.Fatalf("reading the HELLO answer: %v", err)
@@ -182,6 +187,13 @@ func TestMalformedFramesStayLocal(t *testing.T) {
 	if string(data[65536:65540]) == "part" || after.writes != before.writes+1 {
 		t.Fatalf("a truncated frame was applied (writes %d -> %d)", before.writes, after.writes)
 	}
+
+	// A reply connection for a split stream that does not exist.
+	s4, h4 := dialRawHello(t, r, replproto.Header{Type: replproto.TypeHello, Flags: replproto.FlagReplies, Volume: 12345, Aux: 12, Offset: 2})
+	if h4.Type != replproto.TypeNack || h4.Code != replproto.ReasonInvalid {
+		t.Fatalf("reply connection for an unknown stream: %v", h4)
+	}
+	s4.expectClosed("unknown split stream")
 
 	// HELLO for another node: NACK wrong node, then closed.
 	s3, h3 := dialRaw(t, r, 11, 77)

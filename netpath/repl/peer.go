@@ -464,6 +464,7 @@ type stream struct {
 
 	queue  chan *Op      // admitted ops in sequence order; capacity = window frames
 	dead   chan struct{} // closed by fail
+	closed chan struct{} // closed by fail once the sockets are closed
 	space  chan struct{} // capacity 1: poked when the window frees
 	zcKick chan struct{} // capacity 1: wakes the reaper
 
@@ -511,6 +512,7 @@ func newStream(p *Peer, conn, rconn net.Conn, rc syscall.RawConn, zcOn bool) *st
 		zcMin:     p.cfg.ZeroCopyMin,
 		queue:     make(chan *Op, p.cfg.WindowFrames),
 		dead:      make(chan struct{}),
+		closed:    make(chan struct{}),
 		space:     make(chan struct{}, 1),
 		zcKick:    make(chan struct{}, 1),
 		win:       newWindow(p.cfg.WindowFrames, p.cfg.WindowBytes),
@@ -537,6 +539,7 @@ func (st *stream) run() error {
 	}
 	<-st.dead
 	st.wg.Wait()
+	<-st.closed
 	st.mu.Lock()
 	defer st.mu.Unlock()
 	return st.err
@@ -562,6 +565,7 @@ func (st *stream) fail(err error) {
 		}
 		c.Close() // the second Close of an unsplit stream's conn is harmless
 	}
+	close(st.closed) // the sockets are gone: Close returns after close(2)
 }
 
 // failAll finishes every op left in the window once the goroutines have
@@ -607,10 +611,10 @@ func (st *stream) submit(ctx context.Context, op *Op) {
 			st.win.Add(op, n)
 			op.queued = st.now()
 			more := !st.win.Full()
-			st.queue <- op // never blocks: the window holds at most cap(queue) ops
-			st.mu.Unlock()
 			st.p.m.inflightFrames.Inc()
 			st.p.m.inflightBytes.Add(float64(n))
+			st.queue <- op // never blocks: the window holds at most cap(queue) ops
+			st.mu.Unlock()
 			if more {
 				st.poke()
 			}

@@ -156,7 +156,8 @@ func TestOverlappingFramesApplyInStreamOrder(t *testing.T) {
 	app := newMemApplier()
 	app.addVolume(vol, size, 1)
 	r := startReplica(t, 2, app, repl.ServerConfig{Workers: 16})
-	p := newPeer(t, 1, r, repl.PeerConfig{WindowFrames: 64})
+	// ZeroCopyMin -1: one connection for frames and replies (no split).
+	p := newPeer(t, 1, r, repl.PeerConfig{WindowFrames: 64, ZeroCopyMin: -1})
 	seed := uint64(time.Now().UnixNano())
 	t.Logf("seed %d", seed)
 	rng := rand.New(rand.NewPCG(seed, 1))
@@ -249,7 +250,7 @@ func TestFlushAndFUASemantics(t *testing.T) {
 	app := newMemApplier()
 	app.addVolume(vol, 1<<20, 1)
 	r := startReplica(t, 2, app, repl.ServerConfig{})
-	p := newPeer(t, 1, r, repl.PeerConfig{})
+	p := newPeer(t, 1, r, repl.PeerConfig{ZeroCopyMin: -1})
 	ctx := context.Background()
 	w := repl.Request{Type: replproto.TypeWrite, Volume: vol, Epoch: 1, Offset: 0, Payload: []byte("cached")}
 	if err := p.Send(ctx, &w); err != nil {
