@@ -2,8 +2,15 @@ package volume
 
 import "sync"
 
-// rangeLock serialises overlapping byte ranges in arrival order and lets
-// disjoint ranges proceed concurrently.
+// RangeLock serialises overlapping byte ranges in arrival order and lets
+// disjoint ranges proceed concurrently. Its zero value is ready to use and
+// it is safe for concurrent use.
+//
+// A Volume holds one over every write, trim and zeroing. It is exported so
+// that a caller that must keep one order across more than the local write
+// (the node's replicated backend, which holds a range from the local write
+// through every replica's answer: invariant 3 on the primary) uses the same
+// lock rather than another copy of it.
 //
 // Every Lock appends a node to a list kept in arrival order and counts the
 // earlier nodes it overlaps (held or still waiting); it proceeds when that
@@ -16,30 +23,32 @@ import "sync"
 // flight on the volume, which the NBD layer bounds. Nodes are recycled
 // through a free list and each keeps its wake-up channel, so Lock and Unlock
 // allocate nothing in steady state.
-type rangeLock struct {
+type RangeLock struct {
 	mu         sync.Mutex // guards the fields below and every node's fields
-	head, tail *rangeNode // arrival order
-	free       *rangeNode // recycled nodes (linked through next)
+	head, tail *LockedRange // arrival order
+	free       *LockedRange // recycled nodes (linked through next)
 }
 
-type rangeNode struct {
+// LockedRange is a range held (or queued) in a RangeLock: the handle Lock
+// returns and Unlock takes.
+type LockedRange struct {
 	lo, hi     int64 // [lo, hi)
 	waits      int   // earlier overlapping nodes not yet unlocked
-	prev, next *rangeNode
+	prev, next *LockedRange
 	wake       chan struct{} // buffered(1): the last blocker's signal
 }
 
-func (n *rangeNode) overlaps(m *rangeNode) bool { return n.lo < m.hi && m.lo < n.hi }
+func (n *LockedRange) overlaps(m *LockedRange) bool { return n.lo < m.hi && m.lo < n.hi }
 
 // Lock waits until [lo, hi) overlaps no range locked or queued before it,
 // and returns the handle to pass to Unlock. hi must be greater than lo.
-func (l *rangeLock) Lock(lo, hi int64) *rangeNode {
+func (l *RangeLock) Lock(lo, hi int64) *LockedRange {
 	l.mu.Lock()
 	n := l.free
 	if n != nil {
 		l.free = n.next
 	} else {
-		n = &rangeNode{wake: make(chan struct{}, 1)}
+		n = &LockedRange{wake: make(chan struct{}, 1)}
 	}
 	n.lo, n.hi, n.waits = lo, hi, 0
 	for m := l.head; m != nil; m = m.next {
@@ -64,7 +73,7 @@ func (l *rangeLock) Lock(lo, hi int64) *rangeNode {
 
 // Unlock releases a range returned by Lock and wakes the later ranges that
 // were waiting only for it.
-func (l *rangeLock) Unlock(n *rangeNode) {
+func (l *RangeLock) Unlock(n *LockedRange) {
 	l.mu.Lock()
 	for m := n.next; m != nil; m = m.next {
 		if m.overlaps(n) {

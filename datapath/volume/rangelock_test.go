@@ -11,7 +11,7 @@ import (
 // range it overlaps directly is free.
 func TestRangeLockArrivalOrder(t *testing.T) {
 	synctest.Test(t, func(t *testing.T) {
-		var l rangeLock
+		var l RangeLock
 		order := make(chan string, 10)
 		a := l.Lock(0, 10)
 
@@ -71,7 +71,7 @@ func TestRangeLockArrivalOrder(t *testing.T) {
 // TestRangeLockSameRangeFIFO: many waiters on one range go in arrival order.
 func TestRangeLockSameRangeFIFO(t *testing.T) {
 	synctest.Test(t, func(t *testing.T) {
-		var l rangeLock
+		var l RangeLock
 		first := l.Lock(100, 200)
 		got := make(chan int, 8)
 		for i := range 8 {
@@ -92,7 +92,7 @@ func TestRangeLockSameRangeFIFO(t *testing.T) {
 }
 
 func TestRangeLockNoAllocs(t *testing.T) {
-	var l rangeLock
+	var l RangeLock
 	held := l.Lock(0, 4096) // a disjoint holder, so the list is not empty
 	l.Unlock(l.Lock(8192, 12288))
 	if a := testing.AllocsPerRun(1000, func() { l.Unlock(l.Lock(8192, 12288)) }); a != 0 {

@@ -136,7 +136,7 @@ type Volume struct {
 	epoch   atomic.Uint64         // mirror of sb.Epoch for lock-free reads
 	syncErr atomic.Pointer[error] // first failed fdatasync; sticky
 
-	locks rangeLock
+	locks RangeLock
 
 	closeMu sync.RWMutex // requests hold it shared, Close exclusively
 	closed  bool         // guarded by closeMu
