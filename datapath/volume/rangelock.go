@@ -24,7 +24,7 @@ import "sync"
 // through a free list and each keeps its wake-up channel, so Lock and Unlock
 // allocate nothing in steady state.
 type RangeLock struct {
-	mu         sync.Mutex // guards the fields below and every node's fields
+	mu         sync.Mutex   // guards the fields below and every node's fields
 	head, tail *LockedRange // arrival order
 	free       *LockedRange // recycled nodes (linked through next)
 }
