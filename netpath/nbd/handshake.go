@@ -126,7 +126,7 @@ func (ss *session) handshake() error {
 				}
 				continue
 			}
-			for _, e := range ss.srv.exports {
+			for _, e := range ss.srv.listExports() {
 				send(opt, nbdproto.RepServer, nbdproto.AppendRepServer(nil, e.Name, e.Description))
 			}
 			if err := sendErr(opt, nbdproto.RepAck, ""); err != nil {

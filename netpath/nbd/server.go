@@ -35,8 +35,10 @@ var ErrServerClosed = errors.New("nbd: server closed")
 type Config struct {
 	// Logger receives the server's logs; nil discards them.
 	Logger *slog.Logger
-	// Exports are the exports served. The first is also the default
-	// export, the one a client gets by asking for the empty name.
+	// Exports are the exports served from the start; AddExport and
+	// RemoveExport change the set later. The first export (in the order
+	// added) is also the default export, the one a client gets by asking
+	// for the empty name. A server may start with none.
 	Exports []Export
 	// MaxInFlight bounds the requests of one connection that are read and
 	// not yet answered; the reader stops reading while the bound is
@@ -59,11 +61,11 @@ type Config struct {
 
 // Server serves NBD exports. Its methods are safe for concurrent use.
 type Server struct {
-	cfg     Config
-	log     *slog.Logger
-	exports []*Export
+	cfg Config
+	log *slog.Logger
 
 	mu        sync.Mutex // guards the fields below
+	exports   []*Export  // in the order added; replaced, never modified in place
 	closing   bool
 	listeners map[net.Listener]struct{}
 	sessions  map[*session]struct{}
@@ -94,9 +96,6 @@ func NewServer(cfg Config) *Server {
 	if cfg.HandshakeTimeout <= 0 {
 		cfg.HandshakeTimeout = DefaultHandshakeTimeout
 	}
-	if len(cfg.Exports) == 0 {
-		panic("nbd: no exports")
-	}
 	s := &Server{
 		cfg:       cfg,
 		log:       cfg.Logger,
@@ -116,7 +115,17 @@ func NewServer(cfg Config) *Server {
 // lookup returns the export a client names; the empty name is the default
 // export. nil if there is none.
 func (s *Server) lookup(name string) *Export {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.lookupLocked(name)
+}
+
+// REQUIRES: s.mu.
+func (s *Server) lookupLocked(name string) *Export {
 	if name == "" {
+		if len(s.exports) == 0 {
+			return nil
+		}
 		return s.exports[0]
 	}
 	for _, e := range s.exports {
@@ -125,6 +134,89 @@ func (s *Server) lookup(name string) *Export {
 		}
 	}
 	return nil
+}
+
+// listExports returns the exports served now, for NBD_OPT_LIST.
+func (s *Server) listExports() []*Export {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.exports
+}
+
+// AddExport starts serving e to new connections. It fails if an export of
+// that name is served already, or e has no backend.
+func (s *Server) AddExport(e Export) error {
+	if e.Backend == nil {
+		return fmt.Errorf("nbd: export %q has no backend", e.Name)
+	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	for _, x := range s.exports {
+		if x.Name == e.Name {
+			return fmt.Errorf("nbd: export %q is served already", e.Name)
+		}
+	}
+	s.exports = append(s.exports[:len(s.exports):len(s.exports)], &e)
+	return nil
+}
+
+// RemoveExport stops serving the export called name: new connections no
+// longer find it, and every connection using it stops reading requests,
+// answers what it has read (requests received in full after the stop get
+// ESHUTDOWN), and closes, as on Shutdown. It returns when those
+// connections have ended, or when ctx is done: then it breaks them at once
+// and returns ctx's error. Removing an export that is not served is not an
+// error.
+func (s *Server) RemoveExport(ctx context.Context, name string) error {
+	s.mu.Lock()
+	var gone *Export
+	kept := make([]*Export, 0, len(s.exports))
+	for _, e := range s.exports {
+		if e.Name == name {
+			gone = e
+			continue
+		}
+		kept = append(kept, e)
+	}
+	s.exports = kept
+	var waits []*session
+	if gone != nil {
+		for ss := range s.sessions {
+			if ss.bound == gone {
+				ss.interrupt()
+				waits = append(waits, ss)
+			}
+		}
+	}
+	s.mu.Unlock()
+	for _, ss := range waits {
+		select {
+		case <-ss.done:
+		case <-ctx.Done():
+			for _, ss := range waits {
+				ss.forceClose()
+			}
+			return ctx.Err()
+		}
+	}
+	return nil
+}
+
+// bind records that ss serves exp; false when exp is no longer served
+// (removed during the handshake) or the server is closing.
+func (s *Server) bind(ss *session, exp *Export) bool {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.closing {
+		return false
+	}
+	for _, e := range s.exports {
+		if e == exp {
+			ss.bound = exp
+			return true
+		}
+	}
+	return false
 }
 
 // Serve accepts connections on l and serves each in its own goroutine
@@ -265,6 +357,7 @@ func (s *Server) serve(c net.Conn) {
 		tc.SetNoDelay(true)
 	}
 	ss := newSession(s, c)
+	defer close(ss.done)
 	if !s.register(ss) {
 		c.Close()
 		return

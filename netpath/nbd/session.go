@@ -91,9 +91,12 @@ type request struct {
 
 // session is one client connection.
 type session struct {
-	srv *Server
-	nc  net.Conn
-	log *slog.Logger
+	srv  *Server
+	nc   net.Conn
+	log  *slog.Logger
+	done chan struct{} // closed when the connection has ended
+
+	bound *Export // guarded by srv.mu: the export transmission serves, for RemoveExport
 
 	// Set by the handshake, read-only afterwards.
 	exp      *Export
@@ -141,9 +144,10 @@ type session struct {
 
 func newSession(s *Server, c net.Conn) *session {
 	return &session{
-		srv: s,
-		nc:  c,
-		log: s.log.With("remote", c.RemoteAddr().String()),
+		srv:  s,
+		nc:   c,
+		log:  s.log.With("remote", c.RemoteAddr().String()),
+		done: make(chan struct{}),
 	}
 }
 
@@ -190,6 +194,10 @@ func (ss *session) setExport(exp *Export, sr, metaCtx bool) {
 // read has been answered (or its connection has failed).
 func (ss *session) transmit() {
 	ss.nc.SetDeadline(time.Time{})
+	// bind before taking ctl: Shutdown and RemoveExport take srv.mu, then ctl.
+	if !ss.srv.bind(ss, ss.exp) {
+		ss.stopping.Store(true) // the export was removed during the handshake
+	}
 	ss.ctl.Lock()
 	ss.w = newWire(ss.nc)
 	if ss.stopping.Load() {
