@@ -10,6 +10,10 @@ import (
 
 	"github.com/spf13/cobra"
 
+	"keel/bench"
+	"keel/ctl/attach"
+	"keel/ctl/cli"
+	"keel/ctl/coordsvc"
 	"keel/node"
 )
 
@@ -20,7 +24,16 @@ func main() {
 		SilenceUsage:  true,
 		SilenceErrors: true,
 	}
-	root.AddCommand(node.ServeCommand())
+	nodeCmd := node.NodeCommand()
+	nodeCmd.AddCommand(cli.NodeAdminCommands()...)
+	root.AddCommand(
+		node.ServeCommand(),
+		nodeCmd,
+		coordsvc.CoordCommand(),
+		cli.VolumeCommand(),
+		bench.Command(),
+	)
+	root.AddCommand(attach.Commands()...)
 	if err := root.Execute(); err != nil {
 		fmt.Fprintln(os.Stderr, "keel:", err)
 		os.Exit(1)
