@@ -1,6 +1,7 @@
 package nbdkernel
 
 import (
+	"bytes"
 	"context"
 	"errors"
 	"fmt"
@@ -103,7 +104,8 @@ func (s *genlSocket) request(ctx context.Context, op string, family uint16, cmd,
 			case unix.NLMSG_DONE:
 				return out, nil
 			case family:
-				g, err := parseGenl(m.Payload)
+				// The next datagram reuses s.buf: keep a copy.
+				g, err := parseGenl(bytes.Clone(m.Payload))
 				if err != nil {
 					return nil, fmt.Errorf("%s: %w", op, err)
 				}

@@ -30,11 +30,13 @@ type Socket struct {
 
 // DialOptions tune the connection given to the kernel.
 type DialOptions struct {
-	// Timeout bounds the dial and the handshake (default 10 s), and is the
-	// TCP user timeout of the connection afterwards: unacknowledged data
-	// older than this breaks the connection, so that a partitioned server
-	// is detected even while the kernel waits.
+	// Timeout bounds the dial and the handshake (default 10 s).
 	Timeout time.Duration
+	// UserTimeout is the TCP user timeout of the connection once the
+	// kernel has it (default Timeout): data unacknowledged for this long
+	// breaks the connection, so that a partitioned server is detected even
+	// while the kernel waits for a reply.
+	UserTimeout time.Duration
 	// KeepAlive is the TCP keepalive idle time (default 5 s; probes every
 	// 2 s, 3 probes): an idle connection to a vanished host breaks too.
 	KeepAlive time.Duration
@@ -46,6 +48,9 @@ type DialOptions struct {
 func Dial(ctx context.Context, addr, export string, opt DialOptions) (*Socket, error) {
 	if opt.Timeout <= 0 {
 		opt.Timeout = 10 * time.Second
+	}
+	if opt.UserTimeout <= 0 {
+		opt.UserTimeout = opt.Timeout
 	}
 	if opt.KeepAlive <= 0 {
 		opt.KeepAlive = 5 * time.Second
@@ -125,7 +130,7 @@ func (s *Socket) prepare(network string, opt DialOptions) error {
 		{unix.IPPROTO_TCP, unix.TCP_KEEPIDLE, int(max(opt.KeepAlive/time.Second, 1)), "TCP_KEEPIDLE"},
 		{unix.IPPROTO_TCP, unix.TCP_KEEPINTVL, 2, "TCP_KEEPINTVL"},
 		{unix.IPPROTO_TCP, unix.TCP_KEEPCNT, 3, "TCP_KEEPCNT"},
-		{unix.IPPROTO_TCP, unix.TCP_USER_TIMEOUT, int(opt.Timeout / time.Millisecond), "TCP_USER_TIMEOUT"},
+		{unix.IPPROTO_TCP, unix.TCP_USER_TIMEOUT, int(opt.UserTimeout / time.Millisecond), "TCP_USER_TIMEOUT"},
 	} {
 		if err := unix.SetsockoptInt(s.fd, o.level, o.name, o.value); err != nil {
 			return os.NewSyscallError("setsockopt("+o.what+")", err)
