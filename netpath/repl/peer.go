@@ -15,6 +15,7 @@ import (
 	"time"
 
 	"keel/netpath/replproto"
+	"keel/netpath/sock"
 )
 
 // PeerConfig configures the primary side's stream to one peer node.
@@ -37,7 +38,8 @@ type PeerConfig struct {
 	WindowBytes  int64
 	// FrameTimeout is the deadline for every frame's answer, for every
 	// write to the socket and for PONGs: past it the stream is declared
-	// lost. Default 5 s.
+	// lost. It is also the TCP_USER_TIMEOUT of the stream's sockets.
+	// Default 5 s.
 	FrameTimeout time.Duration
 	// PingInterval is how often the stream measures its round trip, and
 	// so how soon an idle stream to a vanished peer is noticed. Default 1 s.
@@ -61,6 +63,11 @@ type PeerConfig struct {
 	OnPeerLost func(Loss)
 	Metrics    *Metrics
 	Logger     *slog.Logger
+
+	// zcFailpoint (tests) is consulted before the call-th (from 0)
+	// sendmsg(MSG_ZEROCOPY) of a frame; an error it returns stands for that
+	// call's result.
+	zcFailpoint func(call int) error
 }
 
 // Peer is the primary side of replication to one peer node: one long-lived
@@ -389,11 +396,21 @@ func (p *Peer) connect() (*stream, error) {
 	return newStream(p, conn, rconn, rc, zcOn), nil
 }
 
+// dial opens one connection and sets TCP_USER_TIMEOUT to the frame
+// deadline, whatever dialer made it: a cut link must reset the connection
+// rather than stall it.
 func (p *Peer) dial(ctx context.Context) (net.Conn, error) {
 	conn, err := p.cfg.Dial(ctx, "tcp", p.cfg.Addr)
 	if err != nil {
 		p.m.error("dial")
 		return nil, fmt.Errorf("dial %s: %w", p.cfg.Addr, err)
+	}
+	if _, ok := conn.(syscall.Conn); ok {
+		if err := sock.SetUserTimeout(conn, p.cfg.FrameTimeout); err != nil {
+			conn.Close()
+			p.m.error("dial")
+			return nil, fmt.Errorf("dial %s: %w", p.cfg.Addr, err)
+		}
 	}
 	return conn, nil
 }
@@ -784,7 +801,12 @@ func (st *stream) sendZeroCopy(op *Op, p []byte) error {
 	var err error
 	for off < total {
 		var n int
-		n, err = st.zsys.sendZeroCopy(st.rc, op.hdr[:], p, off)
+		if fp := st.p.cfg.zcFailpoint; fp != nil {
+			err = fp(ids)
+		}
+		if err == nil {
+			n, err = st.zsys.sendZeroCopy(st.rc, op.hdr[:], p, off)
+		}
 		if errNoBufs(err) {
 			err = nil
 			m.fallback("enobufs")

@@ -17,6 +17,7 @@ import (
 
 	"keel/datapath/iobuf"
 	"keel/netpath/replproto"
+	"keel/netpath/sock"
 )
 
 // Applier is what a replica needs from the node: its replicas, addressed by
@@ -223,6 +224,12 @@ func (s *Server) ServeConn(c net.Conn) error {
 		close(sc.writerDone)
 		s.log.Warn("replication stream refused", "remote", c.RemoteAddr().String(), "err", err)
 		return err
+	}
+	if _, ok := c.(syscall.Conn); ok {
+		// Replies unacknowledged this long mean the primary is gone.
+		if err := sock.SetUserTimeout(c, s.cfg.WriteTimeout); err != nil {
+			return refused(err)
+		}
 	}
 	hello, err := sc.handshake()
 	if err != nil {

@@ -36,6 +36,7 @@ import (
 	"fmt"
 	"log/slog"
 	"net"
+	"os"
 	"syscall"
 	"time"
 
@@ -244,6 +245,29 @@ func tune(c *net.TCPConn, cfg *Config) error {
 	}
 	if serr != nil {
 		return &OptError{Class: cfg.Class, Option: "TCP_USER_TIMEOUT", Err: serr}
+	}
+	return nil
+}
+
+// SetUserTimeout sets TCP_USER_TIMEOUT on an established connection: how
+// long sent data may stay unacknowledged before the kernel resets it. For
+// consumers that must guarantee it on every stream whatever dialer made
+// it (netpath/repl). c must be a *net.TCPConn or have SyscallConn.
+func SetUserTimeout(c net.Conn, d time.Duration) error {
+	sc, ok := c.(syscall.Conn)
+	if !ok {
+		return fmt.Errorf("sock: set TCP_USER_TIMEOUT: %T has no socket", c)
+	}
+	rc, err := sc.SyscallConn()
+	if err != nil {
+		return err
+	}
+	var serr error
+	if err := rc.Control(func(fd uintptr) { serr = setUserTimeout(int(fd), d) }); err != nil {
+		return err
+	}
+	if serr != nil {
+		return os.NewSyscallError("setsockopt TCP_USER_TIMEOUT", serr)
 	}
 	return nil
 }

@@ -181,6 +181,32 @@ func TestUnprivilegedStartsUnpinned(t *testing.T) {
 	}
 }
 
+func TestSetUserTimeout(t *testing.T) {
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer l.Close()
+	c, err := net.Dial("tcp", l.Addr().String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	if err := SetUserTimeout(c, 2500*time.Millisecond); err != nil {
+		t.Fatal(err)
+	}
+	rc, _ := c.(*net.TCPConn).SyscallConn()
+	if ut := getInt(t, rc, unix.IPPROTO_TCP, unix.TCP_USER_TIMEOUT); ut != 2500 {
+		t.Fatalf("TCP_USER_TIMEOUT %d ms, want 2500", ut)
+	}
+	a, b := net.Pipe()
+	defer a.Close()
+	defer b.Close()
+	if err := SetUserTimeout(a, time.Second); err == nil {
+		t.Fatal("SetUserTimeout on a pipe succeeded")
+	}
+}
+
 func TestNoIfaceIsUnpinnedWithoutError(t *testing.T) {
 	l, st, err := Listen(context.Background(), Config{Class: Primary}, "127.0.0.1:0")
 	if err != nil {
