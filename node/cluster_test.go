@@ -65,13 +65,17 @@ func testDir(t testing.TB) string {
 	return dir
 }
 
-func startCoord(t testing.TB) (*coordsvc.Server, *coordclient.Client) {
+func startCoord(t testing.TB, mod func(*coordsvc.Config)) (*coordsvc.Server, *coordclient.Client) {
 	t.Helper()
-	s, err := coordsvc.New(coordsvc.Config{
+	cfg := coordsvc.Config{
 		ID: "c1", DataDir: filepath.Join(testDir(t), "coord"), Listen: "127.0.0.1:0", RaftAddr: "127.0.0.1:0",
 		Coord: coordapi.Config{Lease: testLease, ReserveFraction: 0}, Raft: testRaft,
 		TickInterval: 50 * time.Millisecond, Logger: testLogger(t).With("coord", "c1"),
-	})
+	}
+	if mod != nil {
+		mod(&cfg)
+	}
+	s, err := coordsvc.New(cfg)
 	if err != nil {
 		t.Fatalf("starting the coordinator: %v", err)
 	}
@@ -96,7 +100,14 @@ var testTiming = Timing{LossWait: 20 * time.Second, PeerWait: 3 * time.Second, I
 
 func newCluster(t testing.TB, n int) *testCluster {
 	t.Helper()
-	coord, client := startCoord(t)
+	return newClusterWith(t, n, nil)
+}
+
+// newClusterWith starts a cluster whose coordinator configuration mod may
+// change (e.g. its fault-injection hook).
+func newClusterWith(t testing.TB, n int, mod func(*coordsvc.Config)) *testCluster {
+	t.Helper()
+	coord, client := startCoord(t, mod)
 	c := &testCluster{t: t, coord: coord, client: client, nodes: map[coordapi.NodeID]*Node{}, dirs: map[coordapi.NodeID]string{}}
 	for i := 1; i <= n; i++ {
 		c.startNode(coordapi.NodeID(fmt.Sprintf("n%d", i)))

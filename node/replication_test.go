@@ -2,15 +2,21 @@ package node
 
 import (
 	"bytes"
+	"context"
 	"errors"
 	"fmt"
 	"math/rand/v2"
 	"os"
+	"slices"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
 	"golang.org/x/sys/unix"
+
+	"keel/ctl/coordapi"
+	"keel/ctl/coordsvc"
 )
 
 // TestReplicatedWritesIdentical: concurrent overlapping writes (aligned
@@ -159,4 +165,94 @@ func TestFencedPrimaryCannotAck(t *testing.T) {
 	if err := cl.write(buf, 0, true); err != nil {
 		t.Fatalf("new primary: %v", err)
 	}
+}
+
+// TestSecondaryLossWaitsForCoordinator: when a secondary stops taking
+// writes, a write waits (the volume reports impaired) while the
+// coordinator has not dropped the secondary, and is acknowledged only once
+// the coordinator has moved the volume to a new epoch without it
+// (invariant 5); later writes go to the remaining replicas.
+func TestSecondaryLossWaitsForCoordinator(t *testing.T) {
+	gate := make(chan struct{})
+	var held atomic.Int32
+	c := newClusterWith(t, 3, func(cfg *coordsvc.Config) {
+		cfg.Inject = func(ctx context.Context, _ coordapi.Class, op string) {
+			if op != "replica_loss" {
+				return
+			}
+			held.Add(1)
+			select {
+			case <-gate:
+			case <-ctx.Done():
+			}
+		}
+	})
+	v := c.createVolume("loss", 4<<20, 3)
+	cl := mustDialNBD(t, c.nodes[v.Primary].PrimaryAddr(), "loss")
+	buf := bytes.Repeat([]byte{0x5a}, 64<<10)
+	if err := cl.write(buf, 0, false); err != nil {
+		t.Fatal(err)
+	}
+	var lost coordapi.NodeID
+	for _, m := range v.Members {
+		if m.Node != v.Primary {
+			lost = m.Node
+			break
+		}
+	}
+	if err := c.nodes[lost].Close(); err != nil {
+		t.Fatal(err)
+	}
+	done := make(chan error, 1)
+	go func() { done <- cl.write(buf, 1<<20, true) }()
+	c.eventually("volume impaired while the write waits", 30*time.Second, func() error {
+		select {
+		case err := <-done:
+			t.Fatalf("write returned (%v) while the coordinator had not answered the loss report", err)
+		default:
+		}
+		got, err := c.client.Volume(ctxT(t, 5*time.Second), "loss")
+		if err != nil {
+			return err
+		}
+		if got.State != coordapi.StateImpaired {
+			return fmt.Errorf("state %s (%s), loss reports held %d", got.State, got.Reason, held.Load())
+		}
+		t.Logf("while held: %s: %s", got.State, got.Reason)
+		return nil
+	})
+	close(gate)
+	select {
+	case err := <-done:
+		if err != nil {
+			t.Fatalf("write after the loss was settled: %v", err)
+		}
+	case <-time.After(60 * time.Second):
+		t.Fatal("write not acknowledged within 60s of the coordinator answering")
+	}
+	got, err := c.client.Volume(ctxT(t, 5*time.Second), "loss")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got.Epoch <= v.Epoch || slices.Contains(got.InSync(), lost) {
+		t.Fatalf("write acknowledged but the coordinator has epoch %d (was %d) and in-sync %v: %s lost", got.Epoch, v.Epoch, got.InSync(), lost)
+	}
+	// Later writes and reads go on with the remaining replicas.
+	if err := cl.write(buf, 2<<20, false); err != nil {
+		t.Fatal(err)
+	}
+	rb := make([]byte, len(buf))
+	if err := cl.read(rb, 1<<20); err != nil || !bytes.Equal(rb, buf) {
+		t.Fatalf("read back after the loss: %v", err)
+	}
+	c.eventually("volume degraded, not impaired", 30*time.Second, func() error {
+		got, err := c.client.Volume(ctxT(t, 5*time.Second), "loss")
+		if err != nil {
+			return err
+		}
+		if got.State != coordapi.StateDegraded {
+			return fmt.Errorf("state %s: %s", got.State, got.Reason)
+		}
+		return nil
+	})
 }
