@@ -10,7 +10,7 @@
 //
 // # Streams
 //
-// A node keeps one long-lived TCP stream to each peer node (not one per
+// A node keeps one long-lived stream to each peer node (not one per
 // volume); it carries the frames of every volume replicated there. A Peer
 // has an explicit in-flight window (frames and bytes; Full, Add on send,
 // Free on answer), numbers frames per stream, and runs three goroutines
@@ -60,8 +60,8 @@
 //
 // In user space: none. The sender hands the caller's buffer to writev or
 // sendmsg; the replica reads into the buffer it then hands to the Applier.
-// The only bytes copied in user space are 64-byte headers (the replica
-// batches replies into one write; the primary reads replies through a
+// The only bytes copied in user space are 64-byte headers (a replica
+// encodes replies into a batch buffer; the primary reads replies through a
 // bufio.Reader). keel_repl_user_copy_bytes_total exists so that a future
 // path that copies (a TLS transport, say) shows up; it stays 0.
 // In the kernel: writev copies each payload once into socket buffers
@@ -87,8 +87,24 @@
 //
 // Peer.mu guards upCh; stream.mu guards the window, the zero-copy ledger,
 // the ping state and the failure cause; Fence.mu its map; Server.mu the
-// volume map, streams and listeners; Server.qmu the ready queue;
-// volState.mu one volume's ordering state and epochs; sconn.mu a stream's
-// credit. No two are held at once, except that volState.mu is taken under
-// Server.mu by Forget.
+// volume map, streams, split-stream pairing and listeners; Server.qmu the
+// ready queue; volState.mu one volume's ordering state and epochs; sconn.mu
+// a stream's credit; sconn.wmu its pending replies and who writes them. No
+// two are held at once, except that volState.mu is taken under Server.mu by
+// Forget.
+//
+// # Wiring (for the node)
+//
+//	fence := repl.NewFence(onFenced)           // one per node
+//	m := repl.NewMetrics(registry)
+//	d, _ := sock.NewDialer(sock.Config{Class: sock.Replication, Iface: ..., Source: ...})
+//	p := repl.NewPeer(repl.PeerConfig{Self: me, Node: peer, Addr: ..., Dial: d.DialContext,
+//		Fence: fence, OnPeerLost: report, Metrics: m, Logger: log})
+//	err := repl.Fanout(ctx, inSyncPeers, &req, results) // per write, after the local write
+//	if fence.Fenced(vol, epoch) { /* stop acknowledging writes of vol */ }
+//
+//	l, st, _ := sock.Listen(ctx, sock.Config{Class: sock.Replication, ...}, addr)
+//	srv := repl.NewServer(repl.ServerConfig{Node: me, Applier: replicas, Metrics: m})
+//	go srv.Serve(l)
+//	srv.RaiseEpoch(vol, e) // when the coordinator announces a new epoch to a replica
 package repl
