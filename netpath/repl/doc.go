@@ -81,7 +81,12 @@
 // waits for every earlier frame of its volume; a higher epoch is persisted
 // through Applier.ApplyEpoch after every earlier frame is answered and
 // before anything at that epoch is; a lower epoch is refused with NACK
-// stale epoch carrying the replica's epoch.
+// stale epoch carrying the replica's epoch. A new stream from a primary node
+// closes that node's previous stream and waits for its reader before reading
+// anything, so frames still buffered on a dead connection cannot land after
+// newer ones. Replies are written by a per-stream writer in batches or, when
+// the stream has no other frame in flight, directly by the worker with one
+// non-blocking write.
 //
 // # Locks
 //
