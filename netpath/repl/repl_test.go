@@ -489,3 +489,41 @@ func metricLabel(t *testing.T, reg *prometheus.Registry, name, label, value stri
 	}
 	return 0
 }
+
+// TestEpochWriteFailureRefusesUntilForget: when the replica cannot persist
+// a new epoch, neither that frame nor any later one is applied or
+// acknowledged (they get EIO) until the node drops the server's state for
+// the volume.
+func TestEpochWriteFailureRefusesUntilForget(t *testing.T) {
+	const vol = 4
+	app := newMemApplier()
+	app.addVolume(vol, 1<<20, 1)
+	app.vols[vol].failEpoch = syscall.EIO
+	r := startReplica(t, 2, app, repl.ServerConfig{})
+	p := newPeer(t, 1, r, repl.PeerConfig{})
+	ctx := context.Background()
+	w := func(epoch uint64) error {
+		return p.Send(ctx, &repl.Request{Type: replproto.TypeWrite, Volume: vol, Epoch: epoch, Payload: []byte("e")})
+	}
+	if err := w(2); !errors.Is(err, syscall.EIO) {
+		t.Fatalf("write whose epoch cannot be persisted: %v, want EIO", err)
+	}
+	if err := w(2); !errors.Is(err, syscall.EIO) {
+		t.Fatalf("write after a failed epoch write: %v, want EIO", err)
+	}
+	if _, _, st := app.snapshot(vol); st.writes != 0 {
+		t.Fatalf("%d writes applied on a replica whose epoch write failed", st.writes)
+	}
+	app.mu.Lock()
+	app.vols[vol].failEpoch = nil
+	app.mu.Unlock()
+	if err := r.srv.Forget(vol); err != nil {
+		t.Fatal(err)
+	}
+	if err := w(2); err != nil {
+		t.Fatalf("after Forget: %v", err)
+	}
+	if e, _ := app.Epoch(vol); e != 2 {
+		t.Fatalf("epoch %d after Forget and a write at 2", e)
+	}
+}
