@@ -88,8 +88,8 @@ type Median struct {
 	PeakRSS    int64   `json:"peak_rss_bytes"` // largest over reps
 }
 
-// IOPS, MiB/s and latency as shown: the latency of reads when the workload
-// reads, else of writes.
+// shownLatency is the latency the table shows: that of reads when the
+// workload reads, else that of writes.
 func (m Median) shownLatency() Latency {
 	if m.Figures.Read.IOs > 0 {
 		return m.Figures.Read.Latency
