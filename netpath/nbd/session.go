@@ -118,7 +118,7 @@ type session struct {
 	rbuf       *iobuf.Buf
 	rb         []byte // rbuf.Bytes()
 	rpos, rend int    // unread bytes are rb[rpos:rend]
-	nworkers   int
+	nworkers   int    // workers started (for the log)
 
 	work     chan *request // reader → workers; capacity MaxInFlight, never blocks
 	idle     atomic.Int32  // workers free for a new request and not yet claimed
@@ -245,6 +245,7 @@ func (ss *session) transmit() {
 	}
 	ss.waitIdle()
 	close(ss.work)
+	ss.log.Debug("nbd: connection done", "workers", ss.nworkers)
 }
 
 // readLoop reads and dispatches requests until an error ends the stream.
