@@ -7,6 +7,7 @@ import (
 	"log/slog"
 	"net"
 	"net/http"
+	"net/http/pprof"
 	"os"
 	"os/signal"
 	"syscall"
@@ -80,7 +81,7 @@ volume is marked cleanly shut down.`,
 	f.StringVar(&cfg.Unix, "unix", "", "also serve NBD on this Unix socket path")
 	f.StringVar(&cfg.Name, "name", "default", "export name (the empty name also reaches this volume)")
 	f.BoolVar(&cfg.ReadOnly, "read-only", false, "refuse writes (EPERM) and advertise the export read-only")
-	f.StringVar(&cfg.Metrics, "metrics", "", "serve Prometheus metrics on this address, e.g. 127.0.0.1:9109")
+	f.StringVar(&cfg.Metrics, "metrics", "", "serve Prometheus metrics (/metrics) and Go profiles (/debug/pprof/) on this address, e.g. 127.0.0.1:9109")
 	f.DurationVar(&cfg.ShutdownTimeout, "shutdown-timeout", 30*time.Second, "how long in-flight requests may take to finish after SIGINT/SIGTERM")
 	return cmd
 }
@@ -145,6 +146,12 @@ func Serve(ctx context.Context, cfg ServeConfig) error {
 		}
 		mux := http.NewServeMux()
 		mux.Handle("/metrics", promhttp.HandlerFor(reg, promhttp.HandlerOpts{}))
+		// Profiles for benchmarks (keel bench fio takes one where a target
+		// is missed): CPU, heap, goroutines, mutex and block.
+		mux.HandleFunc("/debug/pprof/", pprof.Index)
+		mux.HandleFunc("/debug/pprof/profile", pprof.Profile)
+		mux.HandleFunc("/debug/pprof/symbol", pprof.Symbol)
+		mux.HandleFunc("/debug/pprof/trace", pprof.Trace)
 		metricsSrv = &http.Server{Handler: mux, ReadHeaderTimeout: 5 * time.Second}
 		go metricsSrv.Serve(ml)
 	}
