@@ -144,7 +144,10 @@ type Supervisor struct {
 	lastLocate  time.Time
 	// ignoredEpoch is the last stale epoch logged, to log it once.
 	ignoredEpoch uint64
-	gone         bool // the device was disconnected under us
+	// lastErr is why the last repair failed; lastLocateErr the last
+	// locator failure logged (each is logged when it changes).
+	lastErr, lastLocateErr string
+	gone                   bool // the device was disconnected under us
 }
 
 func (s *Supervisor) dialOptions() nbdkernel.DialOptions {
@@ -159,21 +162,27 @@ func Attach(ctx context.Context, cfg Config) (*Supervisor, error) {
 		return nil, err
 	}
 	s := &Supervisor{cfg: cfg, log: cfg.Logger}
-	lctx, cancel := context.WithTimeout(ctx, min(cfg.Timeout, 10*time.Second))
-	t, err := cfg.Locator.Locate(lctx)
-	cancel()
-	if err != nil {
-		return nil, fmt.Errorf("attach: locating the server: %w", err)
-	}
-	s.target = t
-	for range cfg.Connections {
-		sock, err := nbdkernel.Dial(ctx, t.Addr, t.Export, s.dialOptions())
-		if err != nil {
-			s.closeLinks()
+	// A volume just created, or in the middle of a failover, may not be
+	// served yet: keep trying for up to Timeout.
+	deadline := time.Now().Add(cfg.Timeout)
+	wait := 100 * time.Millisecond
+	for {
+		err := s.connectAll(ctx)
+		if err == nil {
+			break
+		}
+		if ctx.Err() != nil || time.Now().Add(wait).After(deadline) {
 			return nil, fmt.Errorf("attach: %w", err)
 		}
-		s.links = append(s.links, sock)
+		s.log.Info("not attached yet; retrying", "err", err, "in", wait)
+		select {
+		case <-ctx.Done():
+			return nil, fmt.Errorf("attach: %w (%w)", err, ctx.Err())
+		case <-time.After(wait):
+		}
+		wait = min(2*wait, time.Second)
 	}
+	t := s.target
 	e := s.links[0].Export
 	for _, l := range s.links[1:] {
 		if l.Export.Size != e.Size || l.Export.Flags != e.Flags {
@@ -235,6 +244,27 @@ func Attach(ctx context.Context, cfg Config) (*Supervisor, error) {
 		"connections", cfg.Connections, "size", size, "block_size", bs, "flags", fmt.Sprintf("%#x", e.Flags))
 	s.record()
 	return s, nil
+}
+
+// connectAll locates the target and dials every connection; on error it
+// leaves no connection open.
+func (s *Supervisor) connectAll(ctx context.Context) error {
+	lctx, cancel := context.WithTimeout(ctx, min(s.cfg.Timeout, 10*time.Second))
+	t, err := s.cfg.Locator.Locate(lctx)
+	cancel()
+	if err != nil {
+		return fmt.Errorf("locating the server: %w", err)
+	}
+	s.target = t
+	for range s.cfg.Connections {
+		sock, err := nbdkernel.Dial(ctx, t.Addr, t.Export, s.dialOptions())
+		if err != nil {
+			s.closeLinks()
+			return err
+		}
+		s.links = append(s.links, sock)
+	}
+	return nil
 }
 
 // Device is the attached device's path, /dev/nbdN.
@@ -313,8 +343,11 @@ func (s *Supervisor) step(ctx context.Context) {
 	n := count(broken)
 	healthyCheck := n == 0 && s.cfg.CheckInterval > 0 && now.Sub(s.lastLocate) >= s.cfg.CheckInterval
 	retry := n > 0 && !now.Before(s.nextTry)
+	var locErr error
 	if healthyCheck || retry {
-		if s.relocate(ctx) {
+		moved, err := s.relocate(ctx)
+		locErr = err
+		if moved {
 			if broken, err = nbdkernel.Broken(s.links, 0); err != nil {
 				s.log.Error("checking connections", "err", err)
 				return
@@ -336,7 +369,7 @@ func (s *Supervisor) step(ctx context.Context) {
 		s.log.Warn("connection lost", "device", s.st.Device, "broken", n, "of", len(s.links), "addr", s.target.Addr)
 	}
 	if now.Before(s.nextTry) {
-		s.checkDeadline(now, s.st.Why)
+		s.checkDeadline(now, s.lastErr)
 		return
 	}
 	err = s.repair(ctx, broken)
@@ -357,10 +390,14 @@ func (s *Supervisor) step(ctx context.Context) {
 		if err != nil {
 			why = err.Error()
 		}
+		if locErr != nil {
+			why = fmt.Sprintf("locating the server: %v; the last known server %s: %s", locErr, s.target.Addr, why)
+		}
 		s.backoff = min(max(2*s.backoff, 100*time.Millisecond), 2*time.Second)
 		jitter := time.Duration(rand.Int64N(int64(s.backoff) / 5))
 		s.nextTry = time.Now().Add(s.backoff - s.backoff/10 + jitter)
 	}
+	s.lastErr = why
 	s.checkDeadline(time.Now(), why)
 }
 
@@ -378,29 +415,34 @@ func (s *Supervisor) checkDeadline(now time.Time, why string) {
 // relocate asks the locator where connections go now. When it names
 // another server, the connections to the old one are shut down (the
 // kernel marks them dead and holds their I/O) so that they are repaired
-// towards the new one. It reports whether it shut any down.
-func (s *Supervisor) relocate(ctx context.Context) bool {
+// towards the new one. It reports whether it shut them down, and the
+// locator's error (the target is then unchanged).
+func (s *Supervisor) relocate(ctx context.Context) (bool, error) {
 	s.lastLocate = time.Now()
 	lctx, cancel := context.WithTimeout(ctx, min(s.cfg.Timeout, 5*time.Second))
 	t, err := s.cfg.Locator.Locate(lctx)
 	cancel()
 	if err != nil {
-		s.log.Warn("locating the server", "device", s.st.Device, "err", err)
-		return false
+		if err.Error() != s.lastLocateErr {
+			s.lastLocateErr = err.Error()
+			s.log.Warn("locating the server", "device", s.st.Device, "err", err)
+		}
+		return false, err
 	}
+	s.lastLocateErr = ""
 	if t.Epoch < s.target.Epoch {
 		if t.Epoch != s.ignoredEpoch {
 			s.ignoredEpoch = t.Epoch
 			s.log.Warn("the locator answered an older epoch; ignored", "device", s.st.Device, "epoch", t.Epoch, "have", s.target.Epoch)
 		}
-		return false
+		return false, nil
 	}
 	if s.target.sameServer(t) {
 		if t.Epoch != s.target.Epoch {
 			s.setTarget(t)
 			s.record()
 		}
-		return false
+		return false, nil
 	}
 	s.log.Warn("the primary moved: leaving the old server", "device", s.st.Device,
 		"from_node", s.target.Node, "from_addr", s.target.Addr, "from_epoch", s.target.Epoch,
@@ -413,7 +455,7 @@ func (s *Supervisor) relocate(ctx context.Context) bool {
 	}
 	s.st.Live = 0
 	s.setPhase(PhaseReconnecting, fmt.Sprintf("the primary moved to node %s at %s (epoch %d)", t.Node, t.Addr, t.Epoch))
-	return true
+	return true, nil
 }
 
 var errNotAdopted = errors.New("the kernel has not released the dead connection yet")
@@ -520,4 +562,5 @@ func (s *Supervisor) closeLinks() {
 	for _, l := range s.links {
 		l.Close()
 	}
+	s.links = nil
 }

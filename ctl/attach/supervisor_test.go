@@ -483,12 +483,33 @@ func TestDeviceDisconnectedUnderSupervisor(t *testing.T) {
 func TestAttachUnknownExport(t *testing.T) {
 	srv := newServer(t, "x", 1<<20)
 	k := &twinKernel{}
-	_, err := Attach(context.Background(), Config{Device: 0, Locator: StaticLocator{Addr: srv.addr, Export: "nope"}, Kernel: k})
-	if err == nil {
-		t.Fatal("attached an unknown export")
+	_, err := Attach(context.Background(), Config{Device: 0, Timeout: time.Second, Locator: StaticLocator{Addr: srv.addr, Export: "nope"}, Kernel: k})
+	if err == nil || !strings.Contains(err.Error(), "NBD_REP_ERR_UNKNOWN") {
+		t.Fatalf("attached an unknown export, or said something vague: %v", err)
 	}
 	if k.connected {
 		t.Fatal("the kernel was configured although the handshake failed")
+	}
+}
+
+// A volume that is not served yet (just created, or mid-failover): attach
+// waits for it within the timeout.
+func TestAttachWaitsForServer(t *testing.T) {
+	srv := newServer(t, "late", 1<<20)
+	srv.kill()
+	k := &twinKernel{}
+	done := make(chan error, 1)
+	loc := StaticLocator{Addr: srv.addr, Export: "v1"}
+	go func() {
+		_, err := Attach(context.Background(), Config{Device: 0, Timeout: 20 * time.Second, Locator: loc, Kernel: k, Logger: testLogger(t)})
+		done <- err
+	}()
+	srv.restart()
+	if err := <-done; err != nil {
+		t.Fatal(err)
+	}
+	if got := k.read(t, 0, 4); got[0] != "late" {
+		t.Fatalf("read %q", got)
 	}
 }
 

@@ -85,7 +85,7 @@ sha() { sha256sum "$1" | cut -d' ' -f1; }
 # same_data DEV OFFSET_BLOCKS COUNT_BLOCKS PATTERN: read back with O_DIRECT
 # and compare with the start of PATTERN.
 same_data() {
-	dd if="$1" of=/tmp/back bs=4096 skip="$2" count="$3" iflag=direct 2>/dev/null || return 1
+	dd if="$1" of=/tmp/back bs=1M skip=$(($2 * 4096)) count=$(($3 * 4096)) iflag=direct,skip_bytes,count_bytes 2>/dev/null || return 1
 	head -c $(($3 * 4096)) "$4" >/tmp/want
 	[ "$(sha /tmp/back)" = "$(sha /tmp/want)" ] || {
 		echo "data at block $2 (+$3) differs"
@@ -102,7 +102,7 @@ diagnose() {
 	done
 	echo "-- attach log --"
 	tail -40 /run/keel/attach/attach.log 2>/dev/null
-	for f in /tmp/serve-*.log; do
+	for f in /tmp/serve-*.log /tmp/coord.log /tmp/node-*.log; do
 		echo "-- $f --"
 		tail -20 "$f"
 	done
@@ -125,7 +125,7 @@ run_step() {
 	0) step0 || diagnose ;;
 	1) step1 || { diagnose; cleanup /dev/nbd0; } ;;
 	2) step2 || { diagnose; cleanup /dev/nbd1; } ;;
-	3) step3 ;;
+	3) step3 || { diagnose; umount /mnt 2>/dev/null; keel detach --force /dev/nbd3 >/dev/null 2>&1; stop_cluster; } ;;
 	4) step4 || { diagnose; cleanup /dev/nbd2; } ;;
 	*) fail "no step $1" ;;
 	esac
@@ -168,7 +168,7 @@ step1() {
 	blocks=$((536870912 / 4096))
 	for spec in "0 1" "1 16" "12345 256" "77777 3" "$((blocks - 2048)) 2048"; do
 		set -- $spec
-		dd if=/tmp/pat of=/dev/nbd0 bs=4096 seek="$1" count="$2" oflag=direct conv=notrunc 2>/dev/null || {
+		dd if=/tmp/pat of=/dev/nbd0 bs=1M seek=$(($1 * 4096)) count=$(($2 * 4096)) iflag=count_bytes oflag=direct,seek_bytes conv=notrunc 2>/dev/null || {
 			fail "O_DIRECT write of $2 blocks at block $1"
 			return 1
 		}
@@ -248,19 +248,120 @@ step2() {
 }
 
 # Step 3: coordinator and two nodes in the guest: attach by volume name, kill
-# the primary node, the device continues on the promoted secondary.
+# the primary node, the device continues on the promoted secondary with the
+# mounted filesystem intact.
 step3() {
 	if ! keel coord --help >/dev/null 2>&1 || ! keel node --help >/dev/null 2>&1; then
-		skip "this keel has no 'keel coord' and 'keel node' (issue 3: coordinator, issue 4: replication): attach by volume name and failover cannot be tested yet; the supervisor's failover is covered by ctl/attach's tests"
+		skip "this keel has no 'keel coord' and 'keel node' (issues 3 and 4): attach by volume name and failover cannot be tested"
 		return 0
 	fi
-	skip "keel coord and keel node exist, but this guest test does not drive them yet"
+	C=http://127.0.0.1:7400
+	keel coord --id c1 --data-dir /vol/c1 --listen 127.0.0.1:7400 --raft-addr 127.0.0.1:7401 --lease 4s --heartbeat-interval 1s >/tmp/coord.log 2>&1 &
+	COORD_PID=$!
+	check "keel coord (one member, node lease 4s) answers" wait_for 60 sh -c "keel node list --coord $C >/dev/null 2>&1" || return 1
+	keel node --id n1 --zone a --data-dir /vol/n1 --coord $C --primary-listen 127.0.0.1:10821 --repl-listen 127.0.0.1:10921 --capacity 2G --repl-timeout 30s >/tmp/node-n1.log 2>&1 &
+	N1_PID=$!
+	keel node --id n2 --zone b --data-dir /vol/n2 --coord $C --primary-listen 127.0.0.1:10822 --repl-listen 127.0.0.1:10922 --capacity 2G --repl-timeout 30s >/tmp/node-n2.log 2>&1 &
+	N2_PID=$!
+	check "two keel nodes (n1 zone a, n2 zone b) are up" wait_for 60 nodes_up 2 || return 1
+	check "keel volume create v3 --size 256M --replicas 2" keel volume create v3 --size 256M --replicas 2 --coord $C || return 1
+	check "v3 is ok with both replicas in sync" wait_for 60 sh -c "keel volume status v3 --coord $C | grep -qE ' ok .* (n1,n2|n2,n1) '" || return 1
+	check "keel attach v3 --coord $C --device /dev/nbd3 --daemon" \
+		keel attach v3 --coord $C --device /dev/nbd3 --timeout 30 --daemon || return 1
+	json=$(keel attach --list --output json)
+	primary=$(echo "$json" | sed -n 's/.*"node": "\(n[12]\)".*/\1/p' | head -1)
+	epoch=$(echo "$json" | sed -n 's/.*"epoch": \([0-9]*\).*/\1/p' | head -1)
+	case $primary in
+	n1) ppid=$N1_PID other=n2 ;;
+	n2) ppid=$N2_PID other=n1 ;;
+	*)
+		fail "keel attach --list names no primary node: $json"
+		return 1
+		;;
+	esac
+	pass "attached to the primary, node $primary, epoch $epoch"
+	check "mkfs.ext4 and mount" sh -c 'mkfs.ext4 -F -q -b 4096 /dev/nbd3 && mount -t ext4 /dev/nbd3 /mnt' || return 1
+	i=1
+	while [ $i -le 6 ]; do
+		dd if=/dev/urandom of=/mnt/f$i bs=64k count=$((i * 4)) conv=fsync 2>/dev/null || {
+			fail "writing /mnt/f$i with fsync"
+			return 1
+		}
+		i=$((i + 1))
+	done
+	(cd /mnt && sha256sum f*) >/tmp/sums3
+	: >/tmp/acked3
+	rm -f /tmp/errs3
+	(
+		i=1
+		while [ $i -le 300 ]; do
+			if printf 'rec %06d keel-was-here-%06d\n' $i $i | dd of=/mnt/log oflag=append conv=notrunc,fsync status=none 2>>/tmp/errs3; then
+				echo $i >>/tmp/acked3
+			else
+				echo "append $i failed" >>/tmp/errs3
+			fi
+			i=$((i + 1))
+		done
+	) &
+	wpid=$!
+	check "the writer acknowledged 40 fsync-ed appends" wait_for 120 sh -c '[ $(wc -l </tmp/acked3) -ge 40 ]' || return 1
+	check "before the kill, both replicas are still in sync (else no failover may happen)" sh -c "keel volume status v3 --coord $C | tee /dev/stderr | grep -qE ' ok .* (n1,n2|n2,n1) '" || return 1
+	kill -9 "$ppid"
+	wait "$ppid" 2>/dev/null
+	killed_at=$(wc -l </tmp/acked3)
+	info "SIGKILL the primary node $primary after $killed_at acknowledged appends"
+	t_kill=$(now)
+	check "the coordinator promotes $other (keel volume status: primary $other)" wait_for 120 promoted "$other" || return 1
+	check "the device follows: keel attach --list shows node $other, epoch > $epoch, connected" wait_for 120 follows "$other" "$epoch" || return 1
+	info "failover: the device was connected to $other $(awk -v a="$t_kill" -v b="$(now)" 'BEGIN { printf "%.1f", b - a }')s after the kill"
+	wait $wpid
+	total=$(wc -l </tmp/acked3)
+	check "the writer continued on $other: $total of 300 appends acknowledged, $killed_at before the kill" [ "$total" -gt "$killed_at" ] || return 1
+	check "no append or fsync failed (the filesystem saw no error)" sh -c '[ ! -s /tmp/errs3 ] || { cat /tmp/errs3; exit 1; }' || return 1
+	check "umount, remount on $other" sh -c 'umount /mnt && mount -t ext4 /dev/nbd3 /mnt' || return 1
+	check "every acknowledged append is there, intact and in order" awk '
+		NR == FNR { want[$1] = 1; n++; next }
+		{ if ($0 != sprintf("rec %06d keel-was-here-%06d", FNR, FNR)) { print "line " FNR " is \"" $0 "\""; bad = 1; exit } ; have[FNR] = 1 }
+		END { if (bad) exit 1; for (k in want) if (!(k in have)) { print "acknowledged append " k " is missing"; exit 1 } ; print n " acknowledged, " FNR " present" }
+	' /tmp/acked3 /mnt/log || return 1
+	check "checksums of the files written before the failover" sh -c 'cd /mnt && sha256sum -c /tmp/sums3 >/dev/null' || return 1
+	check "umount" umount /mnt || return 1
+	check "fsck.ext4 -fn clean" fsck.ext4 -fn /dev/nbd3 || return 1
+	check "keel detach /dev/nbd3" keel detach /dev/nbd3 || return 1
+	stop_cluster
+}
+
+# nodes_up N: the coordinator lists N nodes up.
+nodes_up() { [ "$(keel node list --coord "$C" | grep -c ' up ')" = "$1" ]; }
+
+# promoted NODE: the coordinator names NODE primary of v3.
+promoted() {
+	keel volume status v3 --coord "$C" | awk -v n="$1" '$1 == "v3" && $0 ~ " " n " " { f = 1 } END { exit !f }'
+}
+
+# follows NODE EPOCH: keel attach --list shows the device connected to NODE
+# at an epoch above EPOCH.
+follows() {
+	j=$(keel attach --list --output json)
+	echo "$j" | grep -q "\"node\": \"$1\"" || return 1
+	e=$(echo "$j" | sed -n 's/.*"epoch": \([0-9]*\).*/\1/p' | head -1)
+	[ "${e:-0}" -gt "$2" ] || return 1
+	echo "$j" | grep -q '"state": "connected"'
+}
+
+stop_cluster() {
+	for p in ${N1_PID:-} ${N2_PID:-} ${COORD_PID:-}; do
+		kill -TERM "$p" 2>/dev/null
+		wait "$p" 2>/dev/null
+	done
+	N1_PID= N2_PID= COORD_PID=
 }
 
 # Step 4: four connections (one kernel queue each), concurrent writers,
 # verify; kill keel and check that all four connections come back.
 step4() {
 	start_serve "keel serve s4 (512 MiB) on 127.0.0.1:10811" s4 10811 512M || return 1
+	rm -f /tmp/errs4
 	check "keel attach --connections 4 --device /dev/nbd2 --daemon" \
 		keel attach --addr 127.0.0.1:10811 --export s4 --device /dev/nbd2 --connections 4 --timeout 10 --daemon || return 1
 	check "4 TCP connections from the kernel to keel are established" sh -c 'n=$(awk '"'"'$4 == "01" && substr($3, length($3) - 4) == ":2A3B"'"'"' /proc/net/tcp | wc -l); echo "$n connections to :10811"; [ "$n" = 4 ]' || return 1
@@ -272,18 +373,25 @@ step4() {
 		dd if=/dev/urandom of=/tmp/pat$w bs=1M count=8 2>/dev/null
 		w=$((w + 1))
 	done
+	# (wait for these pids only: a bare wait would wait for keel serve too)
+	pids=
 	w=0
 	while [ $w -lt 4 ]; do
 		dd if=/tmp/pat$w of=/dev/nbd2 bs=1M seek=$((w * 16)) oflag=direct conv=notrunc,fsync 2>/tmp/dd$w.err &
+		pids="$pids $!"
 		w=$((w + 1))
 	done
-	wait
+	for p in $pids; do
+		wait "$p" || echo "writer pid $p failed" >>/tmp/errs4
+	done
+	check "4 concurrent O_DIRECT writers: no error" sh -c '[ ! -s /tmp/errs4 ]' || return 1
 	w=0
 	while [ $w -lt 4 ]; do
 		check "O_DIRECT region $w (8 MiB at $((w * 16)) MiB, written concurrently) reads back" same_data /dev/nbd2 $((w * 4096)) 2048 /tmp/pat$w || return 1
 		w=$((w + 1))
 	done
 	check "mkfs.ext4 and mount" sh -c 'mkfs.ext4 -F -q -b 4096 /dev/nbd2 && mount -t ext4 /dev/nbd2 /mnt' || return 1
+	pids=
 	w=0
 	while [ $w -lt 4 ]; do
 		(
@@ -294,10 +402,13 @@ step4() {
 				i=$((i + 1))
 			done
 		) &
+		pids="$pids $!"
 		w=$((w + 1))
 	done
-	wait
-	check "4 concurrent file writers: no error" sh -c '[ ! -s /tmp/errs4 ]' || return 1
+	for p in $pids; do
+		wait "$p"
+	done
+	check "4 concurrent file writers with fsync: no error" sh -c '[ ! -s /tmp/errs4 ]' || return 1
 	(cd /mnt && sha256sum w*/f*) >/tmp/sums4
 	check "umount, remount, checksums of 32 files" sh -c 'umount /mnt && mount -t ext4 /dev/nbd2 /mnt && cd /mnt && sha256sum -c /tmp/sums4 >/dev/null' || return 1
 	kill -9 "$SERVE_PID"

@@ -187,15 +187,23 @@ log=$work/serial.log
 rm -f "$work"/serial-step*.log
 say "booting (steps: $steps; limit ${limit}s; serial log $log)"
 start=$(date +%s)
-set +e
+: >"$log"
 timeout -k 10 "$limit" qemu-system-x86_64 -M pc -accel tcg -cpu max -m 1024 -smp 2 \
 	-nographic -nic none -no-reboot \
 	-kernel "$kernel" -initrd "$work/initrd.cpio" \
 	-append "console=ttyS0 panic=-1 quiet keel.steps=${steps// /,}" \
 	-drive "file=$disk,if=virtio,format=raw,cache=unsafe" \
-	</dev/null 2>&1 | tee "$log" | grep --line-buffered -E '^KEEL-TEST' | sed -u 's/\r$//'
-rc=${PIPESTATUS[0]}
+	</dev/null >"$log" 2>&1 &
+qpid=$!
+# timeout runs in its own process group: stop it if we are stopped.
+trap 'kill "$qpid" 2>/dev/null' EXIT
+trap 'kill "$qpid" 2>/dev/null; exit 130' INT TERM
+tail -n +1 -f --pid="$qpid" "$log" | grep -a --line-buffered -E '^KEEL-TEST' | sed -u 's/\r$//' || true
+set +e
+wait "$qpid"
+rc=$?
 set -e
+trap - EXIT INT TERM
 elapsed=$(($(date +%s) - start))
 
 # --- verdict -------------------------------------------------------------------------
