@@ -1,9 +1,10 @@
 package node
 
-// A small pipelined NBD client for the in-process tests: the handshake is
+// A small pipelined NBD client for the tests: the handshake is
 // netpath/nbdkernel's, transmission uses simple replies. Several goroutines
 // may issue requests on one connection at once; replies are matched by
-// handle.
+// handle. It is exported (TestNBDClient, DialTestNBD) for the black-box
+// tests of package node_test, which see this file's exported names.
 
 import (
 	"context"
@@ -20,7 +21,8 @@ import (
 	"keel/netpath/nbdproto"
 )
 
-type nbdClient struct {
+// TestNBDClient is one NBD connection.
+type TestNBDClient struct {
 	conn net.Conn
 	exp  nbdkernel.Export
 
@@ -38,7 +40,8 @@ type call struct {
 	res  chan error
 }
 
-func dialNBD(ctx context.Context, addr, export string) (*nbdClient, error) {
+// DialTestNBD connects to export at addr.
+func DialTestNBD(ctx context.Context, addr, export string) (*TestNBDClient, error) {
 	var d net.Dialer
 	conn, err := d.DialContext(ctx, "tcp", addr)
 	if err != nil {
@@ -51,19 +54,19 @@ func dialNBD(ctx context.Context, addr, export string) (*nbdClient, error) {
 		return nil, err
 	}
 	conn.SetDeadline(time.Time{})
-	c := &nbdClient{conn: conn, exp: exp, waiting: map[uint64]*call{}, done: make(chan struct{})}
+	c := &TestNBDClient{conn: conn, exp: exp, waiting: map[uint64]*call{}, done: make(chan struct{})}
 	go c.readLoop()
 	return c, nil
 }
 
 // mustDialNBD dials, retrying until the export is served (the node adds it
 // a moment after the coordinator names the primary) or 30 s pass.
-func mustDialNBD(t testing.TB, addr, export string) *nbdClient {
+func mustDialNBD(t testing.TB, addr, export string) *TestNBDClient {
 	t.Helper()
 	deadline := time.Now().Add(30 * time.Second)
 	for {
 		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
-		c, err := dialNBD(ctx, addr, export)
+		c, err := DialTestNBD(ctx, addr, export)
 		cancel()
 		if err == nil {
 			t.Cleanup(func() { c.Close() })
@@ -76,7 +79,8 @@ func mustDialNBD(t testing.TB, addr, export string) *nbdClient {
 	}
 }
 
-func (c *nbdClient) Close() error {
+// Close sends NBD_CMD_DISC and closes the connection.
+func (c *TestNBDClient) Close() error {
 	c.wmu.Lock()
 	var b [nbdproto.RequestSize]byte
 	nbdproto.Request{Type: nbdproto.CmdDisc}.Encode(&b)
@@ -85,7 +89,7 @@ func (c *nbdClient) Close() error {
 	return c.conn.Close()
 }
 
-func (c *nbdClient) readLoop() {
+func (c *TestNBDClient) readLoop() {
 	defer close(c.done)
 	var hdr [16]byte
 	for {
@@ -144,7 +148,7 @@ func nbdErr(e nbdproto.Errno) error {
 	return fmt.Errorf("nbd errno %d", e)
 }
 
-func (c *nbdClient) fail(err error) {
+func (c *TestNBDClient) fail(err error) {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	if c.err == nil {
@@ -156,7 +160,7 @@ func (c *nbdClient) fail(err error) {
 	}
 }
 
-func (c *nbdClient) do(cmd nbdproto.Cmd, flags nbdproto.CmdFlags, off int64, length uint32, payload, rbuf []byte) error {
+func (c *TestNBDClient) do(cmd nbdproto.Cmd, flags nbdproto.CmdFlags, off int64, length uint32, payload, rbuf []byte) error {
 	cl := &call{rbuf: rbuf, res: make(chan error, 1)}
 	c.mu.Lock()
 	if c.err != nil {
@@ -182,7 +186,8 @@ func (c *nbdClient) do(cmd nbdproto.Cmd, flags nbdproto.CmdFlags, off int64, len
 	return <-cl.res
 }
 
-func (c *nbdClient) write(p []byte, off int64, fua bool) error {
+// Write writes p at off (with FUA if fua).
+func (c *TestNBDClient) Write(p []byte, off int64, fua bool) error {
 	var fl nbdproto.CmdFlags
 	if fua {
 		fl = nbdproto.CmdFlagFUA
@@ -190,17 +195,21 @@ func (c *nbdClient) write(p []byte, off int64, fua bool) error {
 	return c.do(nbdproto.CmdWrite, fl, off, uint32(len(p)), p, nil)
 }
 
-func (c *nbdClient) read(p []byte, off int64) error {
+// Read fills p from off.
+func (c *TestNBDClient) Read(p []byte, off int64) error {
 	return c.do(nbdproto.CmdRead, 0, off, uint32(len(p)), nil, p)
 }
 
-func (c *nbdClient) flush() error { return c.do(nbdproto.CmdFlush, 0, 0, 0, nil, nil) }
+// Flush sends NBD_CMD_FLUSH.
+func (c *TestNBDClient) Flush() error { return c.do(nbdproto.CmdFlush, 0, 0, 0, nil, nil) }
 
-func (c *nbdClient) trim(off int64, n uint32) error {
+// Trim sends NBD_CMD_TRIM.
+func (c *TestNBDClient) Trim(off int64, n uint32) error {
 	return c.do(nbdproto.CmdTrim, 0, off, n, nil, nil)
 }
 
-func (c *nbdClient) zero(off int64, n uint32, noHole bool) error {
+// Zero sends NBD_CMD_WRITE_ZEROES (NO_HOLE if noHole).
+func (c *TestNBDClient) Zero(off int64, n uint32, noHole bool) error {
 	var fl nbdproto.CmdFlags
 	if noHole {
 		fl = nbdproto.CmdFlagNoHole

@@ -36,7 +36,7 @@ func TestReplicatedWritesIdentical(t *testing.T) {
 
 	const conns, workers, opsPer = 4, 4, 100
 	const span = 256 << 10 // the ops crowd into 256 KiB so that they overlap
-	var clients []*nbdClient
+	var clients []*TestNBDClient
 	for range conns {
 		clients = append(clients, mustDialNBD(t, primary.PrimaryAddr(), "rep"))
 	}
@@ -63,13 +63,13 @@ func TestReplicatedWritesIdentical(t *testing.T) {
 						for j := range p {
 							p[j] = byte(ci*workers + w + i + j)
 						}
-						err = cl.write(p, off, k == 0)
+						err = cl.Write(p, off, k == 0)
 					case k < 17:
-						err = cl.trim(off, uint32(n))
+						err = cl.Trim(off, uint32(n))
 					case k < 19:
-						err = cl.zero(off, uint32(n), k == 17)
+						err = cl.Zero(off, uint32(n), k == 17)
 					default:
-						err = cl.flush()
+						err = cl.Flush()
 					}
 					if err != nil {
 						errs <- fmt.Errorf("conn %d worker %d op %d: %w", ci, w, i, err)
@@ -84,12 +84,12 @@ func TestReplicatedWritesIdentical(t *testing.T) {
 	for err := range errs {
 		t.Fatal(err)
 	}
-	if err := clients[0].flush(); err != nil {
+	if err := clients[0].Flush(); err != nil {
 		t.Fatal(err)
 	}
 	// What the primary serves now is what every replica must hold.
 	want := make([]byte, size)
-	if err := clients[0].read(want, 0); err != nil {
+	if err := clients[0].Read(want, 0); err != nil {
 		t.Fatal(err)
 	}
 	for _, cl := range clients {
@@ -162,7 +162,7 @@ func TestFencedPrimaryCannotAck(t *testing.T) {
 	}
 	// And the new primary acknowledges.
 	cl := mustDialNBD(t, c.nodes[nv.Primary].PrimaryAddr(), "fence")
-	if err := cl.write(buf, 0, true); err != nil {
+	if err := cl.Write(buf, 0, true); err != nil {
 		t.Fatalf("new primary: %v", err)
 	}
 }
@@ -190,7 +190,7 @@ func TestSecondaryLossWaitsForCoordinator(t *testing.T) {
 	v := c.createVolume("loss", 4<<20, 3)
 	cl := mustDialNBD(t, c.nodes[v.Primary].PrimaryAddr(), "loss")
 	buf := bytes.Repeat([]byte{0x5a}, 64<<10)
-	if err := cl.write(buf, 0, false); err != nil {
+	if err := cl.Write(buf, 0, false); err != nil {
 		t.Fatal(err)
 	}
 	var lost coordapi.NodeID
@@ -204,7 +204,7 @@ func TestSecondaryLossWaitsForCoordinator(t *testing.T) {
 		t.Fatal(err)
 	}
 	done := make(chan error, 1)
-	go func() { done <- cl.write(buf, 1<<20, true) }()
+	go func() { done <- cl.Write(buf, 1<<20, true) }()
 	c.eventually("volume impaired while the write waits", 30*time.Second, func() error {
 		select {
 		case err := <-done:
@@ -238,11 +238,11 @@ func TestSecondaryLossWaitsForCoordinator(t *testing.T) {
 		t.Fatalf("write acknowledged but the coordinator has epoch %d (was %d) and in-sync %v: %s lost", got.Epoch, v.Epoch, got.InSync(), lost)
 	}
 	// Later writes and reads go on with the remaining replicas.
-	if err := cl.write(buf, 2<<20, false); err != nil {
+	if err := cl.Write(buf, 2<<20, false); err != nil {
 		t.Fatal(err)
 	}
 	rb := make([]byte, len(buf))
-	if err := cl.read(rb, 1<<20); err != nil || !bytes.Equal(rb, buf) {
+	if err := cl.Read(rb, 1<<20); err != nil || !bytes.Equal(rb, buf) {
 		t.Fatalf("read back after the loss: %v", err)
 	}
 	c.eventually("volume degraded, not impaired", 30*time.Second, func() error {
