@@ -29,6 +29,7 @@ func main() {
 	root.AddCommand(
 		node.ServeCommand(),
 		nodeCmd,
+		node.UpCommand(),
 		coordsvc.CoordCommand(),
 		cli.VolumeCommand(),
 		bench.Command(),

@@ -1,3 +1,5 @@
+//go:build linux
+
 package node_test
 
 // A cluster of real processes — `keel coord` and `keel node`, the binaries
@@ -59,6 +61,8 @@ func startProc(t *testing.T, name string, argv ...string) *proc {
 	p := &proc{name: name, cmd: exec.Command(argv[0], argv[1:]...), out: &lockedBuffer{}, done: make(chan error, 1)}
 	p.cmd.Stdout, p.cmd.Stderr = p.out, p.out
 	p.cmd.WaitDelay = 5 * time.Second
+	// Should the test binary die (a timeout), its children die with it.
+	p.cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
 	if err := p.cmd.Start(); err != nil {
 		t.Fatalf("starting %s: %v", name, err)
 	}
