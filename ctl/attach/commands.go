@@ -90,7 +90,7 @@ Needs root and the nbd module (modprobe nbd).`,
 	fl.BoolVar(&f.list, "list", false, "list attached devices: server, node, epoch, state and why")
 	fl.StringVar(&f.output, "output", "table", "--list output: table or json")
 	fl.StringVar(&f.stateDir, "state-dir", DefaultStateDir, "where attach records devices and logs")
-	fl.DurationVar(&f.checkInterval, "check-interval", 2*time.Second, "with --coord: how often to ask the coordinator for the primary while connected")
+	fl.DurationVar(&f.checkInterval, "check-interval", 10*time.Second, "with --coord: how often to ask the coordinator for the primary while connected (a backstop: a failover breaks the connections anyway)")
 	fl.IntVar(&f.notifyFD, "notify-fd", -1, "descriptor on which a --daemon child reports the attach")
 	_ = fl.MarkHidden("notify-fd")
 	return cmd
@@ -200,8 +200,9 @@ func watchLinkDead(ctx context.Context, mon *nbdkernel.Monitor, out chan<- int, 
 			if ctx.Err() != nil {
 				return
 			}
+			// Lost notifications cost nothing but latency: the supervisor
+			// polls its connections anyway.
 			log.Warn("link-dead notifications", "err", err)
-			idx = []int{-1} // lost notifications: have the supervisor look
 			select {
 			case <-ctx.Done():
 				return

@@ -87,8 +87,9 @@ func writeState(dir string, st State) error {
 		return fmt.Errorf("attach state: %w", err)
 	}
 	_, werr := f.Write(append(b, '\n'))
+	merr := f.Chmod(0o644) // readable by `keel attach --list` for anyone
 	cerr := f.Close()
-	if err := errors.Join(werr, cerr); err != nil {
+	if err := errors.Join(werr, merr, cerr); err != nil {
 		os.Remove(f.Name())
 		return fmt.Errorf("attach state: %w", err)
 	}

@@ -67,7 +67,10 @@ type Config struct {
 	Locator Locator
 	// CheckInterval is how often the locator is asked while all
 	// connections are up, to follow a primary that moved while the old one
-	// still answers; 0 asks only when a connection breaks.
+	// still answers; 0 asks only when a connection breaks. It is a
+	// backstop (a deposed primary stops answering, and the request timeout
+	// then breaks the connection), so it can be long; each wait is
+	// jittered by ±20% so that many hosts do not ask in step.
 	CheckInterval time.Duration
 	// Backend identifies the device's data to the kernel
 	// (/sys/block/nbdN/backend); every reconfigure must present it.
@@ -141,7 +144,7 @@ type Supervisor struct {
 	brokenSince time.Time // when a connection was first seen broken; zero while all are up
 	nextTry     time.Time // no repair attempt before this
 	backoff     time.Duration
-	lastLocate  time.Time
+	nextCheck   time.Time // next locator check while healthy
 	// ignoredEpoch is the last stale epoch logged, to log it once.
 	ignoredEpoch uint64
 	// lastErr is why the last repair failed; lastLocateErr the last
@@ -341,7 +344,7 @@ func (s *Supervisor) step(ctx context.Context) {
 		return
 	}
 	n := count(broken)
-	healthyCheck := n == 0 && s.cfg.CheckInterval > 0 && now.Sub(s.lastLocate) >= s.cfg.CheckInterval
+	healthyCheck := n == 0 && s.cfg.CheckInterval > 0 && !now.Before(s.nextCheck)
 	retry := n > 0 && !now.Before(s.nextTry)
 	var locErr error
 	if healthyCheck || retry {
@@ -394,8 +397,7 @@ func (s *Supervisor) step(ctx context.Context) {
 			why = fmt.Sprintf("locating the server: %v; the last known server %s: %s", locErr, s.target.Addr, why)
 		}
 		s.backoff = min(max(2*s.backoff, 100*time.Millisecond), 2*time.Second)
-		jitter := time.Duration(rand.Int64N(int64(s.backoff) / 5))
-		s.nextTry = time.Now().Add(s.backoff - s.backoff/10 + jitter)
+		s.nextTry = time.Now().Add(jitter(s.backoff))
 	}
 	s.lastErr = why
 	s.checkDeadline(time.Now(), why)
@@ -418,7 +420,9 @@ func (s *Supervisor) checkDeadline(now time.Time, why string) {
 // towards the new one. It reports whether it shut them down, and the
 // locator's error (the target is then unchanged).
 func (s *Supervisor) relocate(ctx context.Context) (bool, error) {
-	s.lastLocate = time.Now()
+	if s.cfg.CheckInterval > 0 {
+		s.nextCheck = time.Now().Add(jitter(s.cfg.CheckInterval))
+	}
 	lctx, cancel := context.WithTimeout(ctx, min(s.cfg.Timeout, 5*time.Second))
 	t, err := s.cfg.Locator.Locate(lctx)
 	cancel()
@@ -458,6 +462,11 @@ func (s *Supervisor) relocate(ctx context.Context) (bool, error) {
 	return true, nil
 }
 
+// jitter returns d ± 20%.
+func jitter(d time.Duration) time.Duration {
+	return d - d/5 + time.Duration(rand.Int64N(int64(d)*2/5+1))
+}
+
 var errNotAdopted = errors.New("the kernel has not released the dead connection yet")
 
 // repair replaces broken links with new connections to the target, one
@@ -469,7 +478,6 @@ func (s *Supervisor) repair(ctx context.Context, broken []bool) error {
 		}
 		sock, err := nbdkernel.Dial(ctx, s.target.Addr, s.target.Export, s.dialOptions())
 		if err != nil {
-			s.lastLocate = time.Time{}
 			return err
 		}
 		if got := sock.Export.Size / uint64(s.st.BlockSize) * uint64(s.st.BlockSize); got != s.st.Size {
