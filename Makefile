@@ -6,7 +6,7 @@ DATA ?= $(CURDIR)/data
 FUZZTIME ?= 60
 TESTFLAGS ?=
 
-.PHONY: help build deps test test-unit test-kernel fuzz run bench bench-deps vet clean
+.PHONY: help build deps test test-unit test-kernel fuzz run serve bench bench-deps vet clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
@@ -35,13 +35,12 @@ test-kernel: build ## boot a Debian kernel in qemu and test keel against the ker
 fuzz: ## run each fuzz target for FUZZTIME seconds (default 60)
 	./scripts/fuzz.sh $(FUZZTIME)
 
-run: build ## start a keel volume on 127.0.0.1:10809 and print how to use it
+run: build ## start a one-machine cluster (coordinator + 3 nodes, a replicated 4 GiB volume) and print how to use it
+	./bin/keel up --nodes 3 --replicas 2 --size 4G --data-dir $(DATA)/up
+
+serve: build ## serve one standalone volume on 127.0.0.1:10809 (no coordinator, no replication)
 	@mkdir -p $(DATA)
 	@echo "keel: serving $(DATA)/default.vol (4 GiB) as export 'default' on nbd://127.0.0.1:10809; Ctrl-C stops it cleanly"
-	@echo "  nbdinfo nbd://127.0.0.1:10809"
-	@echo "  qemu-io -f raw -c 'write -P 0xab 0 1M' -c 'read -P 0xab 0 1M' nbd://127.0.0.1:10809"
-	@echo "  fio --name=t --ioengine=nbd --uri=nbd://127.0.0.1:10809 --rw=randrw --bs=4k --iodepth=32 --runtime=10s --time_based"
-	@echo "  metrics: curl -s http://127.0.0.1:9109/metrics | grep keel_nbd"
 	./bin/keel serve --file $(DATA)/default.vol --size 4G --listen 127.0.0.1:10809 --name default --metrics 127.0.0.1:9109
 
 bench-deps: ## install the peer servers the benchmarks compare against
