@@ -184,7 +184,7 @@ mke2fs -q -F -t ext4 -L keelvol "$disk"
 
 # --- boot --------------------------------------------------------------------------
 log=$work/serial.log
-rm -f "$work"/serial-step*.log
+rm -f "$work"/serial-step*.log "$work/serial-incomplete.log"
 say "booting (steps: $steps; limit ${limit}s; serial log $log)"
 start=$(date +%s)
 : >"$log"
