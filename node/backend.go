@@ -242,6 +242,9 @@ func (r *replica) replicate(o *localOp) error {
 		rd.wait()
 	} else {
 		rd.send(r.x.ctx, v.peers, &req)
+		if r.x.testAfterSend != nil {
+			r.x.testAfterSend(o)
+		}
 		err := r.local(o)
 		rd.wait()
 		if err != nil {

@@ -23,12 +23,13 @@ type secondary struct {
 	id   coordapi.NodeID
 	addr string
 	vol  *volume.Volume
+	mem  *dio.Mem // the device, for an in-memory secondary
 }
 
 func startSecondary(tb testing.TB, id coordapi.NodeID, vol coordapi.VolumeID, size int64, mem bool) *secondary {
 	tb.Helper()
 	num, _ := volumeNum(vol)
-	v := benchVolume(tb, string(id), size, mem)
+	v, dev := benchVolume(tb, string(id), size, mem)
 	app := &applier{vols: map[uint64]*replica{num: {id: vol, num: num, vol: v}}}
 	srv := repl.NewServer(repl.ServerConfig{Node: NodeNum(id), Applier: app, Logger: testLogger(tb)})
 	l, err := net.Listen("tcp", "127.0.0.1:0")
@@ -40,27 +41,28 @@ func startSecondary(tb testing.TB, id coordapi.NodeID, vol coordapi.VolumeID, si
 		srv.Close()
 		v.Close()
 	})
-	return &secondary{id: id, addr: l.Addr().String(), vol: v}
+	return &secondary{id: id, addr: l.Addr().String(), vol: v, mem: dev}
 }
 
 // benchVolume is a volume file on the work disk, written once, or with
 // mem a volume on an in-memory device (no disk: what is left is the
 // replication path itself).
-func benchVolume(tb testing.TB, name string, size int64, mem bool) *volume.Volume {
+func benchVolume(tb testing.TB, name string, size int64, mem bool) (*volume.Volume, *dio.Mem) {
 	tb.Helper()
 	if mem {
-		v, err := volume.OpenDevice(dio.NewMem(dio.MemOptions{Name: name, Size: layout.DataOffset + size}), volume.Options{Create: true, Size: size})
+		dev := dio.NewMem(dio.MemOptions{Name: name, Size: layout.DataOffset + size})
+		v, err := volume.OpenDevice(dev, volume.Options{Create: true, Size: size})
 		if err != nil {
 			tb.Fatal(err)
 		}
-		return v
+		return v, dev
 	}
 	v, err := volume.Create(filepath.Join(testDir(tb), name+".vol"), size, volume.Options{})
 	if err != nil {
 		tb.Fatal(err)
 	}
 	prefill(tb, v)
-	return v
+	return v, nil
 }
 
 // prefill writes the whole volume once, so that benchmarks measure writes
@@ -93,7 +95,7 @@ func standalonePrimary(tb testing.TB, vol coordapi.VolumeID, size int64, to []*s
 		return repl.NewPeer(repl.PeerConfig{Self: NodeNum("p"), Node: NodeNum(id), Addr: addr, Fence: x.fence, Logger: testLogger(tb)})
 	}
 	x.raise = func(r *replica, e uint64) error { return r.vol.SetEpoch(e) }
-	v := benchVolume(tb, "p", size, mem)
+	v, _ := benchVolume(tb, "p", size, mem)
 	num, _ := volumeNum(vol)
 	r := newReplica(x, vol, num, "bench", v.Name(), v)
 	as := coordapi.Assignment{Volume: vol, Epoch: 1, Role: coordapi.RolePrimary, InSync: true}

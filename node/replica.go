@@ -92,6 +92,9 @@ type replicator struct {
 	// frame of an older primary is applied after this node acts on the
 	// new epoch.
 	raise func(r *replica, epoch uint64) error
+	// testAfterSend, when set (tests only), runs between submitting a
+	// request's frames and its local operation.
+	testAfterSend func(o *localOp)
 
 	mu    sync.Mutex // guards peers
 	peers map[coordapi.NodeID]*peer
