@@ -1,10 +1,148 @@
 // Package node is keel's wiring layer: it assembles volumes (datapath), the
-// NBD front end (netpath) and, for a storage node in a cluster, the
-// coordinator agent (ctl) into running processes, and gives the keel binary
-// its cobra commands for them (`keel serve`, `keel node`, `keel up`).
+// NBD front end and replication (netpath) and the coordinator agent (ctl)
+// into running processes, and gives the keel binary its cobra commands for
+// them: `keel serve` (one standalone volume), `keel node` (a storage node
+// of a cluster) and `keel up` (a whole cluster on one machine).
 //
 // Nothing here implements a protocol or a disk format; it chooses which
 // implementations run together, checks at compile time that they fit the
-// interfaces their consumers own, and owns process concerns: flags, signals,
-// listeners, the metrics endpoint and orderly shutdown.
+// interfaces their consumers own (nbd.Backend, repl.Applier), and owns
+// process concerns: flags, signals, listeners, the metrics endpoint and
+// orderly shutdown.
+//
+// # A storage node (keel node)
+//
+// A Node runs:
+//
+//   - a coordclient.Agent: registration, a heartbeat every lease interval
+//     carrying capacity, free space (statfs of the data directory, or
+//     --capacity) and one ReplicaReport per open replica (its persisted
+//     epoch and health); the answer carries the node's assignments;
+//   - a reconciler goroutine fed by the agent's OnChange (which only hands
+//     the update over, so heartbeats never wait for disk work): it opens or
+//     creates DataDir/<vol-N>.vol for each assignment, acts as primary or
+//     secondary at the assigned epoch, and closes replicas taken away
+//     (deleting the file when the coordinator no longer knows the volume);
+//     a pass that failed somewhere is retried every 2 s;
+//   - an NBD server on the primary network (netpath/sock pinned listener):
+//     a volume this node leads is exported under its name and under its
+//     id, with a Backend as the export's backend;
+//   - a repl.Server on the replication network, applying other primaries'
+//     streams to local replicas through applier; one repl.Peer per remote
+//     node this node replicates to, shared by all its volumes;
+//   - a watchdog that recomputes replica health twice per ImpairedAfter and
+//     asks for a heartbeat when it changed.
+//
+// Identifiers: netpath/repl numbers nodes and volumes with uint64. A volume
+// "vol-N" is N (coordapi.ParseVolumeID); a node is NodeNum(id), the FNV-64a
+// hash of its NodeID (see NodeNum for collisions).
+//
+// # Roles and epochs
+//
+// Each open replica has a view: primary or not, the epoch it acts on, and
+// (as primary) the in-sync secondaries. A view is immutable; changing it
+// replaces it and wakes requests waiting for a change.
+//
+//   - Becoming primary (a new volume, a promotion after failover, an epoch
+//     change after a replica loss): the epoch is persisted first, through
+//     repl.Server.RaiseEpoch, which waits until every frame the replica had
+//     accepted from an older primary is answered (so none of them is applied
+//     after this node starts serving); then the view is published, the
+//     streams to the in-sync secondaries are awaited (up to PeerWait) and the
+//     exports are added.
+//   - Not primary (secondary, out of sync, handed over): the view is
+//     replaced at once (every request checks it before it is acknowledged),
+//     the exports are removed (their sessions finish in-flight requests,
+//     which are refused, and close), and a higher assigned epoch is
+//     persisted with RaiseEpoch: from then on the replica refuses frames of
+//     older epochs, which is what fences a deposed primary.
+//
+// # The write path (Backend, on the primary)
+//
+// WRITE, TRIM, WRITE_ZEROES and FLUSH go through replica.replicate:
+//
+//  1. Take the range lock (volume.RangeLock) over the request's byte range
+//     (not for FLUSH). It is held until step 5, so overlapping requests are
+//     sent to every secondary and applied locally in one order (invariant 3;
+//     the secondaries' repl.Server keeps stream order for overlapping
+//     frames); disjoint ones run concurrently.
+//  2. Check authority on the current view: primary, not fenced
+//     (repl.Fence: no replica answered a stale-epoch NACK above this
+//     epoch), and Agent.Authority(vol, epoch, now): a valid lease and a
+//     primary assignment at exactly this epoch. Otherwise ESHUTDOWN (if the
+//     agent already knows a newer primary epoch for this node, wait for the
+//     view to catch up instead).
+//  3. Submit the frame to every in-sync secondary's Peer (asynchronously,
+//     with the caller's buffer: the aligned iobuf buffer the NBD layer read
+//     the payload into, zero-copy), then do the local operation on the
+//     calling goroutine, then wait for every frame's outcome. The buffer is
+//     borrowed until then; nothing is allocated (ops are pooled in a round).
+//     A FAST_ZERO zeroing is done locally first (ENOTSUP must change
+//     nothing anywhere), then replicated.
+//  4. A local error is returned as its errno. Each secondary's outcome:
+//     acknowledged; stale-epoch NACK (ErrFenced): if this node is about to
+//     act on a newer epoch (its agent has it, or its own loss report is
+//     being answered) wait for it and send again, else ESHUTDOWN at once;
+//     stream down or volume not open there yet (ErrPeerDown,
+//     ErrUnknownVolume, within PeerWait of the request's start): wait for
+//     the stream or the replica and send again; anything else (reset,
+//     timeout, disk error on the secondary...): the secondary is lost.
+//  5. Settle: for each lost secondary, report it (Agent.ReportReplicaLoss;
+//     one report at a time per volume, shared by every request that failed
+//     on it) and wait, up to LossWait, until the coordinator's answer moves
+//     the volume to a newer epoch whose in-sync set lacks it; meanwhile the
+//     replica reports health impaired ("writes wait for the coordinator").
+//     Then, under the current view, send the request again to every in-sync
+//     secondary that has not acknowledged it, check authority again, and
+//     return nil (the acknowledgement) only when every member of the current
+//     epoch's in-sync set has acknowledged it (invariant 5). A loss not
+//     settled within LossWait fails the request with EIO.
+//
+// FUA travels as the frame's FUA flag (the secondary's write is durable
+// before its ACK); FLUSH is fdatasync here and a FLUSH frame to each
+// in-sync secondary, which the secondary runs after every earlier frame of
+// the volume, so a FLUSH reply means durable on every in-sync replica
+// (invariant 1). Reads, CACHE and BLOCK_STATUS are local, after the
+// authority check: the local replica holds every acknowledged write.
+//
+// Resending is safe because the range lock is still held (no overlapping
+// write can be between the two sends) and the operations are idempotent.
+//
+// # Timing
+//
+// Defaults (Timing, flags of keel node): LossWait 30 s, PeerWait 5 s,
+// FrameTimeout 5 s (repl's frame deadline and the replication sockets'
+// TCP_USER_TIMEOUT: a cut link is noticed within it), ImpairedAfter 2 s.
+// A cut replication link therefore stalls writes for about FrameTimeout
+// plus one coordinator round trip; the volume shows impaired after
+// ImpairedAfter and one heartbeat. The lease itself is the coordinator's
+// (coordapi.Lease; keel up uses 5 s): a failover after a node dies takes
+// about one lease.
+//
+// # Locks
+//
+// Node.mu guards the replica map and the latest assignments; the
+// reconciler goroutine alone owns Node.exported and Node.dirty.
+// replica.setMu serialises view changes; replica.lossMu guards the loss
+// queue; replicator.mu the Peer map; applier.mu its volume map. None is
+// held while another is taken, except that a view change (setMu) takes
+// replicator.mu to look up Peers.
+//
+// # keel up
+//
+// The coordinator and the nodes are child processes of the same binary
+// (keel coord, keel node), in their own process group, so that killing one
+// node (kill -9) is a real failover and Ctrl-C reaches only keel up, which
+// stops the nodes, then the coordinator. Ports: coordinator 7400 (raft
+// 7401), node i (from 0) NBD 10809+i, replication 10909+i, metrics 9401+i.
+//
+// # Not here yet
+//
+// Replicas report durable sequence 0: the coordinator promotes among
+// in-sync members by its other criteria, which is safe because every
+// in-sync member holds every acknowledged write. A write that failed
+// before an acknowledgement may have reached some secondaries and not
+// others; until catch-up (the write-intent bitmap, issue 6) exists, such
+// unacknowledged ranges can differ between replicas after a failover, and a
+// replica that left the in-sync set stays out of it.
 package node

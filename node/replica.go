@@ -195,8 +195,7 @@ type replica struct {
 
 	cur atomic.Pointer[view] // never nil
 
-	setMu    sync.Mutex // serialises view changes; guards exported
-	exported bool
+	setMu sync.Mutex // serialises view changes (becomePrimary, stepDown)
 
 	// Progress, for the no-progress watchdog: inflight counts replicated
 	// requests in progress; progress is the monotonic time (ns since
