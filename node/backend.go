@@ -243,7 +243,7 @@ func (r *replica) replicate(o *localOp) error {
 	} else {
 		rd.send(r.x.ctx, v.peers, &req)
 		if r.x.testAfterSend != nil {
-			r.x.testAfterSend(o)
+			r.x.testAfterSend(o.off)
 		}
 		err := r.local(o)
 		rd.wait()
@@ -281,8 +281,9 @@ func (r *replica) settle(o *localOp, v *view, rd *round, start time.Time) error 
 					e = max(e, ne.Epoch)
 				}
 				fencedAt = max(fencedAt, e)
-			case errors.Is(err, repl.ErrPeerDown) && time.Now().Before(retryUntil):
-				// Never sent: wait for the stream (a reconnect) and resend.
+			case errors.Is(err, repl.ErrPeerDown) && time.Now().Before(retryUntil) && r.x.downFor(p, time.Now()) < t.PeerWait:
+				// Never sent: wait for the stream (a first connect, or a
+				// reconnect after a recent loss) and resend.
 				ctx, cancel := context.WithDeadline(r.x.ctx, retryUntil)
 				p.rp.WaitUp(ctx)
 				cancel()

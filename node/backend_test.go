@@ -85,8 +85,8 @@ func TestOverlappingWritesOneOrder(t *testing.T) {
 	s := startSecondary(t, "s1", "vol-1", size, true)
 	be := standalonePrimary(t, "vol-1", size, []*secondary{s}, true)
 	held, release := make(chan struct{}), make(chan struct{})
-	be.r.x.testAfterSend = func(o *localOp) {
-		if o.off == 0 {
+	be.r.x.testAfterSend = func(off int64) {
+		if off == 0 {
 			close(held)
 			<-release
 		}

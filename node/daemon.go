@@ -388,6 +388,7 @@ func (n *Node) onFenced(vol, epoch uint64) {
 }
 
 func (n *Node) onPeerLost(l repl.Loss) {
+	n.x.peerLost(l)
 	if l.Volume != 0 {
 		n.log.Info("peer refused a frame", "peer_num", l.Peer, "volume", coordapi.MakeVolumeID(l.Volume), "err", l.Err)
 	}

@@ -93,11 +93,39 @@ type replicator struct {
 	// new epoch.
 	raise func(r *replica, epoch uint64) error
 	// testAfterSend, when set (tests only), runs between submitting a
-	// request's frames and its local operation.
-	testAfterSend func(o *localOp)
+	// request's frames and its local operation (with the offset: a
+	// pointer to the request would make every request escape to the heap).
+	testAfterSend func(off int64)
 
-	mu    sync.Mutex // guards peers
-	peers map[coordapi.NodeID]*peer
+	mu     sync.Mutex // guards peers, lostAt
+	peers  map[coordapi.NodeID]*peer
+	lostAt map[uint64]time.Time // when each peer's last stream failed
+}
+
+// peerLost is the Peers' OnPeerLost: it records when a stream failed, so
+// that a write finding that peer still down long after does not wait
+// PeerWait for a reconnect that is not coming.
+func (x *replicator) peerLost(l repl.Loss) {
+	if l.Volume != 0 {
+		return // one frame refused: the request that sent it handles it
+	}
+	x.mu.Lock()
+	if x.lostAt == nil {
+		x.lostAt = map[uint64]time.Time{}
+	}
+	x.lostAt[l.Peer] = time.Now()
+	x.mu.Unlock()
+}
+
+// downFor is how long ago p's last stream failed (0: never, as far as this
+// node knows).
+func (x *replicator) downFor(p *peer, now time.Time) time.Duration {
+	x.mu.Lock()
+	defer x.mu.Unlock()
+	if t, ok := x.lostAt[p.num]; ok {
+		return now.Sub(t)
+	}
+	return 0
 }
 
 // peer is one remote node this node replicates to.
