@@ -293,6 +293,9 @@ func (r *replica) settle(o *localOp, v *view, rd *round, start time.Time) error 
 				r.pause(100*time.Millisecond, retryUntil)
 			case errors.Is(err, repl.ErrClosed) && r.x.ctx.Err() != nil:
 				return errNotPrimary // the node is stopping
+			case errors.Is(err, repl.ErrClosed) && r.replaced(p):
+				// The peer moved and its Peer was replaced: send again on
+				// the new one.
 			default:
 				r.reportLoss(p, err)
 				rd.lost = append(rd.lost, p.num)
@@ -354,6 +357,17 @@ func (r *replica) awaitEpoch(e uint64, deadline time.Time) error {
 			return errFenced
 		}
 	}
+}
+
+// replaced reports whether the current view reaches p's node through
+// another Peer than p.
+func (r *replica) replaced(p *peer) bool {
+	for _, q := range r.view().peers {
+		if q.num == p.num && q != p {
+			return true
+		}
+	}
+	return false
 }
 
 func (r *replica) lossPending() bool {

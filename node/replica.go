@@ -154,6 +154,20 @@ func (x *replicator) peerFor(id coordapi.NodeID, addr string) *peer {
 	return p
 }
 
+// moved reports whether an in-sync secondary of as has another
+// replication address than v's Peer to it (the node restarted elsewhere):
+// then the view is rebuilt at the same epoch with a new Peer.
+func (x *replicator) moved(v *view, as coordapi.Assignment) bool {
+	for _, p := range as.Peers {
+		for _, q := range v.peers {
+			if q.id == p.Node && q.addr != p.ReplAddr {
+				return true
+			}
+		}
+	}
+	return false
+}
+
 // retirePeers closes the Peers to nodes that keep is false for.
 func (x *replicator) retirePeers(keep func(coordapi.NodeID) bool) {
 	x.mu.Lock()
@@ -270,7 +284,7 @@ func (r *replica) becomePrimary(as coordapi.Assignment) error {
 	defer r.setMu.Unlock()
 	e := uint64(as.Epoch)
 	cur := r.view()
-	if cur.epoch > e || (cur.primary && cur.epoch == e) {
+	if cur.epoch > e || (cur.primary && cur.epoch == e && !r.x.moved(cur, as)) {
 		return nil
 	}
 	if d := r.vol.Epoch(); d > e {

@@ -256,3 +256,61 @@ func TestSecondaryLossWaitsForCoordinator(t *testing.T) {
 		return nil
 	})
 }
+
+// TestSecondaryRestartsElsewhere: a secondary that restarts on another
+// replication address before any write missed it stays in sync: the
+// primary's next assignment carries the new address, the primary replaces
+// its stream, and writes reach the secondary there.
+func TestSecondaryRestartsElsewhere(t *testing.T) {
+	c := newCluster(t, 2)
+	v := c.createVolume("mv", 4<<20, 2)
+	var sec coordapi.NodeID
+	for _, m := range v.Members {
+		if m.Node != v.Primary {
+			sec = m.Node
+		}
+	}
+	oldAddr := c.nodes[sec].ReplAddr()
+	if err := c.nodes[sec].Close(); err != nil {
+		t.Fatal(err)
+	}
+	n := c.startNode(sec)
+	if n.ReplAddr() == oldAddr {
+		t.Skipf("the restarted node got the same port %s: nothing moved", oldAddr)
+	}
+	pr := c.replica(v.Primary, v.ID)
+	c.eventually("primary streams to the new address", 30*time.Second, func() error {
+		for _, p := range pr.view().peers {
+			if p.id == sec && p.addr == n.ReplAddr() && p.rp.Up() {
+				return nil
+			}
+		}
+		return fmt.Errorf("peers %v", pr.view().peerIDs())
+	})
+	cl := mustDialNBD(t, c.nodes[v.Primary].PrimaryAddr(), "mv")
+	buf := bytes.Repeat([]byte{0x77}, 8192)
+	if err := cl.Write(buf, 4096, true); err != nil {
+		t.Fatal(err)
+	}
+	got, err := c.client.Volume(ctxT(t, 5*time.Second), "mv")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got.Epoch != v.Epoch || !slices.Contains(got.InSync(), sec) {
+		t.Fatalf("after the move: epoch %d (was %d), in sync %v", got.Epoch, v.Epoch, got.InSync())
+	}
+	c.eventually("secondary has the write", 10*time.Second, func() error {
+		r := c.replica(sec, v.ID)
+		if r == nil {
+			return fmt.Errorf("replica not open on %s", sec)
+		}
+		p := make([]byte, len(buf))
+		if err := r.vol.ReadAt(p, 4096); err != nil {
+			return err
+		}
+		if !bytes.Equal(p, buf) {
+			return fmt.Errorf("not there")
+		}
+		return nil
+	})
+}
