@@ -165,3 +165,25 @@ func TestUp(t *testing.T) {
 	}
 	u.stop(t)
 }
+
+func TestNodeAndUpBadFlags(t *testing.T) {
+	for _, c := range []struct {
+		args []string
+		want string
+	}{
+		{[]string{"node", "--data-dir", "/tmp/x", "--coord", "http://127.0.0.1:1"}, "--id is required"},
+		{[]string{"node", "--id", "n1", "--coord", "http://127.0.0.1:1", "--primary-listen", "127.0.0.1:0", "--repl-listen", "127.0.0.1:0"}, "--data-dir is required"},
+		{[]string{"node", "--id", "n1", "--data-dir", "/tmp/x", "--primary-listen", "127.0.0.1:0", "--repl-listen", "127.0.0.1:0"}, "--coord is required"},
+		{[]string{"node", "--id", "n1", "--data-dir", "/tmp/x", "--coord", "127.0.0.1:7400"}, "give coordinator API URLs"},
+		{[]string{"node", "--id", "n1", "--data-dir", "/tmp/x", "--coord", "http://127.0.0.1:1"}, "--primary-listen and --repl-listen are required"},
+		{[]string{"node", "--id", "n1", "--data-dir", "/tmp/x", "--coord", "http://127.0.0.1:1", "--primary-listen", "127.0.0.1:0", "--repl-listen", "127.0.0.1:0", "--capacity", "lots"}, "--capacity"},
+		{[]string{"up", "--nodes", "2", "--replicas", "3"}, "--replicas 3"},
+		{[]string{"up", "--size", "1000"}, "multiple of 4 KiB"},
+		{[]string{"up", "--volume", "vol-3"}, "--volume"},
+	} {
+		out, err := exec.Command(keelBin(t), c.args...).CombinedOutput()
+		if err == nil || !strings.Contains(string(out), c.want) {
+			t.Errorf("keel %v: err %v, output %q; want an error containing %q", c.args, err, out, c.want)
+		}
+	}
+}
