@@ -19,7 +19,7 @@ import (
 	"github.com/spf13/cobra"
 
 	"keel/bench/fio"
-	"keel/node"
+	"keel/ctl/coordapi"
 )
 
 // Command returns the `keel bench` command and its subcommands.
@@ -64,7 +64,7 @@ Missing peers are skipped; install them with ` + "`make bench-deps`" + `.`,
 				_, err = fmt.Fprint(cmd.OutOrStdout(), fio.Markdown(r))
 				return err
 			}
-			n, err := node.ParseSize(size)
+			n, err := coordapi.ParseSize(size)
 			if err != nil {
 				return fmt.Errorf("--size: %w", err)
 			}

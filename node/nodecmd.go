@@ -66,7 +66,7 @@ and marked clean.`,
 				return errors.New("--primary-listen and --repl-listen are required: NBD clients' and replication streams' addresses, e.g. --primary-listen 127.0.0.1:10809 --repl-listen 127.0.0.1:10909")
 			}
 			if capacity != "" {
-				n, err := ParseSize(capacity)
+				n, err := coordapi.ParseSize(capacity)
 				if err != nil {
 					return fmt.Errorf("--capacity: %w", err)
 				}

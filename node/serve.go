@@ -18,6 +18,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus/promhttp"
 	"github.com/spf13/cobra"
 
+	"keel/ctl/coordapi"
 	"keel/datapath/volume"
 	"keel/netpath/nbd"
 )
@@ -62,7 +63,7 @@ volume is marked cleanly shut down.`,
 				return errors.New("--listen or --unix is required: where NBD clients connect, e.g. --listen 127.0.0.1:10809")
 			}
 			if size != "" {
-				n, err := ParseSize(size)
+				n, err := coordapi.ParseSize(size)
 				if err != nil {
 					return fmt.Errorf("--size: %w", err)
 				}

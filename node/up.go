@@ -67,7 +67,7 @@ the data stays for the next run.`,
   keel up --nodes 5 --replicas 3 --size 1G --data-dir /var/tmp/keel`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
-			n, err := ParseSize(size)
+			n, err := coordapi.ParseSize(size)
 			if err != nil {
 				return fmt.Errorf("--size: %w", err)
 			}
@@ -303,7 +303,7 @@ func Up(ctx context.Context, cfg UpConfig) error {
 		return err
 	}
 	if vol.Size != cfg.Size || vol.Replicas != cfg.Replicas {
-		fmt.Fprintf(cfg.Out, "keel up: volume %s exists already with %s and %d replicas; using it as it is\n", vol.Name, FormatSize(vol.Size), vol.Replicas)
+		fmt.Fprintf(cfg.Out, "keel up: volume %s exists already with %s and %d replicas; using it as it is\n", vol.Name, coordapi.FormatBytes(vol.Size), vol.Replicas)
 	}
 	addrOf := func(ns []coordapi.Node, id coordapi.NodeID) string {
 		for _, n := range ns {
@@ -343,7 +343,7 @@ func Up(ctx context.Context, cfg UpConfig) error {
 	uri := "nbd://" + addr + "/" + vol.Name
 	w := cfg.Out
 	fmt.Fprintf(w, "\nvolume %s (%s): %s, %d replicas\n  NBD URI: %s   (the primary's; it moves when another node is promoted)\n\n",
-		vol.Name, vol.ID, FormatSize(vol.Size), vol.Replicas, uri)
+		vol.Name, vol.ID, coordapi.FormatBytes(vol.Size), vol.Replicas, uri)
 	fmt.Fprintf(w, "try it:\n")
 	fmt.Fprintf(w, "  nbdinfo %s\n", uri)
 	fmt.Fprintf(w, "  qemu-io -f raw -c 'write -P 0xab 0 1M' -c 'read -P 0xab 0 1M' %s\n", uri)

@@ -148,16 +148,3 @@ func TestUnreachableCoordinator(t *testing.T) {
 		t.Fatalf("got %v", err)
 	}
 }
-
-func TestParseSize(t *testing.T) {
-	for in, want := range map[string]int64{"4096": 4096, "4K": 4096, "4k": 4096, "1G": 1 << 30, "1GiB": 1 << 30, "1GB": 1 << 30, "2T": 2 << 40, "512M": 512 << 20} {
-		if got, err := ParseSize(in); err != nil || got != want {
-			t.Errorf("%s: %d %v, want %d", in, got, err, want)
-		}
-	}
-	for _, in := range []string{"", "G", "-1G", "0", "1.5G", "1X", "99999999999P"} {
-		if _, err := ParseSize(in); err == nil {
-			t.Errorf("%q accepted", in)
-		}
-	}
-}

@@ -40,7 +40,7 @@ func nodeList() *cobra.Command {
 			fmt.Fprintln(w, "ID\tZONE\tSTATE\tSINCE\tDRAINING\tCAPACITY\tALLOCATED\tRESERVE\tAVAILABLE\tPRIMARIES\tREPLICAS\tADDRESS")
 			for _, n := range nodes {
 				fmt.Fprintf(w, "%s\t%s\t%s\t%s\t%v\t%s\t%s\t%s\t%s\t%d\t%d\t%s\n", n.ID, orDash(n.Zone), n.State, since(n.Since, now), n.Draining,
-					human(n.Capacity), human(n.Allocated), human(n.Reserve), human(n.Available), n.Primaries, n.Replicas, n.PrimaryAddr)
+					coordapi.FormatBytes(n.Capacity), coordapi.FormatBytes(n.Allocated), coordapi.FormatBytes(n.Reserve), coordapi.FormatBytes(n.Available), n.Primaries, n.Replicas, n.PrimaryAddr)
 			}
 			return w.Flush()
 		},

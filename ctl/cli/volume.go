@@ -35,7 +35,7 @@ func volumeCreate(o *opts) *cobra.Command {
 			if size == "" {
 				return errors.New("--size is required: the volume's size, e.g. --size 4G")
 			}
-			n, err := ParseSize(size)
+			n, err := coordapi.ParseSize(size)
 			if err != nil {
 				return fmt.Errorf("--size: %w", err)
 			}
@@ -61,7 +61,7 @@ func volumeCreate(o *opts) *cobra.Command {
 				return o.json(cmd.OutOrStdout(), v)
 			}
 			fmt.Fprintf(cmd.OutOrStdout(), "created %s (%s), %s, %d replica(s) on %s, primary %s, epoch %d\n",
-				v.Name, v.ID, human(v.Size), v.Replicas, joinIDs(memberIDs(v)), v.Primary, v.Epoch)
+				v.Name, v.ID, coordapi.FormatBytes(v.Size), v.Replicas, joinIDs(memberIDs(v)), v.Primary, v.Epoch)
 			return nil
 		},
 	}
@@ -99,7 +99,7 @@ func volumeList(o *opts) *cobra.Command {
 			w := table(cmd.OutOrStdout())
 			fmt.Fprintln(w, "NAME\tID\tSIZE\tREPLICAS\tEPOCH\tPRIMARY\tSTATE")
 			for _, v := range vols {
-				fmt.Fprintf(w, "%s\t%s\t%s\t%d/%d\t%d\t%s\t%s\n", v.Name, v.ID, human(v.Size), len(v.InSync()), v.Replicas, v.Epoch, orDash(string(v.Primary)), v.State)
+				fmt.Fprintf(w, "%s\t%s\t%s\t%d/%d\t%d\t%s\t%s\n", v.Name, v.ID, coordapi.FormatBytes(v.Size), len(v.InSync()), v.Replicas, v.Epoch, orDash(string(v.Primary)), v.State)
 			}
 			return w.Flush()
 		},

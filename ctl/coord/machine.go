@@ -642,7 +642,7 @@ func (m *Machine) place(size int64, replicas int) ([]*node, *coordapi.Error) {
 		case n.Draining:
 			refused = append(refused, fmt.Sprintf("%s: draining", n.ID))
 		case m.usable(n) < size:
-			refused = append(refused, fmt.Sprintf("%s: %s usable above its %s reserve", n.ID, human(max(m.usable(n), 0)), human(m.reserve(n))))
+			refused = append(refused, fmt.Sprintf("%s: %s usable above its %s reserve", n.ID, coordapi.FormatBytes(max(m.usable(n), 0)), coordapi.FormatBytes(m.reserve(n))))
 		default:
 			eligible = append(eligible, n)
 		}
@@ -682,27 +682,9 @@ func (m *Machine) place(size int64, replicas int) ([]*node, *coordapi.Error) {
 		}
 		return nil, coordapi.Errorf(coordapi.CodeNoCapacity,
 			"need %d distinct node(s) with %s usable outside the %.0f%% re-mirror reserve; only %d qualify%s",
-			replicas, human(size), m.cfg.ReserveFraction*100, len(chosen), detail)
+			replicas, coordapi.FormatBytes(size), m.cfg.ReserveFraction*100, len(chosen), detail)
 	}
 	return chosen, nil
-}
-
-// human formats a byte count with binary units.
-func human(n int64) string {
-	const units = "KMGTPE"
-	if n < 1024 {
-		return fmt.Sprintf("%dB", n)
-	}
-	f := float64(n)
-	i := -1
-	for f >= 1024 && i < len(units)-1 {
-		f /= 1024
-		i++
-	}
-	if f == float64(int64(f)) {
-		return fmt.Sprintf("%d%ciB", int64(f), units[i])
-	}
-	return fmt.Sprintf("%.1f%ciB", f, units[i])
 }
 
 func (m *Machine) deleteVolume(at time.Time, ref *VolumeRef) Result {
