@@ -22,7 +22,7 @@ want nft nftables
 want qemu-system-x86_64 qemu-system-x86
 want cpio cpio
 [ -x /bin/busybox ] || need+=(busybox-static)
-python3 -c 'import nbd' 2>/dev/null || need+=(python3-libnbd)
+dpkg-query -W -f='${Status}' python3-libnbd 2>/dev/null | grep -q 'install ok installed' || need+=(python3-libnbd)
 if [ ${#need[@]} -eq 0 ]; then
 	exit 0
 fi
