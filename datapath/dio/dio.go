@@ -46,6 +46,44 @@
 // EOPNOTSUPP (== ENOTSUP on Linux) and write nothing, which is what NBD's
 // FAST_ZERO asks for. Fallbacks are counted (File.Stats).
 //
+// # Native AIO
+//
+// File.EnableAIO switches ReadAt and WriteAt to Linux native AIO
+// (io_setup/io_submit/io_getevents/io_destroy as raw system calls; not
+// io_uring, which keel does not use). With a blocking pread per request, a
+// server at queue depth 32 parks about 32 OS threads in system calls, and
+// every completion costs the Go runtime a P handoff and a futex wakeup.
+// With AIO the caller's goroutine submits its iocb (io_submit does not
+// block for O_DIRECT in the common case) and sleeps on its slot's channel;
+// one reaper goroutine blocks in io_getevents (min_nr 1, max_nr 64) and
+// wakes the callers of every event it gets:
+//
+//	caller goroutine                       reaper goroutine
+//	 take a slot from free (none: pread)    io_getevents(ctx, 1, 64) ──┐
+//	 fill its iocb, io_submit ─── kernel ──► event{data: slot index} ◄─┘
+//	 <-slot.done  ◄─────────────────────────  slot.res = res; slot.done <- {}
+//	 put the slot back on free
+//
+// A FUA write carries RWF_DSYNC in the iocb's aio_rw_flags (Linux 4.13).
+// Slots are preallocated (EnableAIO's depth): the steady state allocates
+// nothing. Whatever AIO cannot take is served synchronously, so AIO never
+// changes what a request returns: no free slot, io_submit refusing the
+// request (EAGAIN when the kernel's queue is full, or any refusal of the
+// iocb), a completion shorter than asked (the rest is done with pread or
+// pwrite, as a short read or write would be), and -EINTR/-EAGAIN
+// completions. A negative result is the request's *Error (op "aio pread",
+// "aio pwrite") with that errno. If io_setup fails (aio-max-nr reached,
+// ENOSYS) the File stays synchronous and Stats counts it. AIOConcurrent
+// uses AIO only while another request is in progress on the File: a lone
+// request has lower latency as a plain pread, since it needs no wakeup of
+// another goroutine. Close waits for every slot to come back, then
+// submits a zero-length read whose completion tells the reaper to destroy
+// the context and end, so that nothing uses the context after io_destroy.
+//
+// Buffers handed to the kernel are Go heap memory (iobuf), which the
+// garbage collector does not move; a slot keeps the buffer's pointer
+// while the kernel holds its address, so it cannot be freed early either.
+//
 // # Errors
 //
 // Every failure is an *Error carrying the operation, the path, the range and
@@ -54,7 +92,8 @@
 //
 // # Concurrency
 //
-// All methods of File and Mem are safe for concurrent use. File never uses
+// All methods of File and Mem are safe for concurrent use, except
+// EnableAIO, which must be called before the File is shared. File never uses
 // the file position (pread/pwrite only; lseek for SEEK_DATA/SEEK_HOLE moves a
 // position nothing reads). Mem serialises every operation under one mutex.
 package dio
@@ -102,6 +141,18 @@ type Stats struct {
 	ZeroFallbacks int64
 	// ZeroBytesWritten: bytes of zeroes written by those fallbacks.
 	ZeroBytesWritten int64
+	// AIOSetupFailures: EnableAIO calls that io_setup refused (the File
+	// stayed synchronous).
+	AIOSetupFailures int64
+	// AIORequests: reads and writes completed through native AIO.
+	AIORequests int64
+	// AIOFallbacks: reads and writes AIO was on for but could not take
+	// (every slot in use, or io_submit refused: EAGAIN, ...), served
+	// synchronously instead. AIOConcurrent's deliberate lone-request
+	// synchronous path is not counted.
+	AIOFallbacks int64
+	// AIOShort: AIO completions shorter than asked, finished synchronously.
+	AIOShort int64
 }
 
 // zeroChunk is the largest write the written-zeroes fallback issues.
@@ -116,3 +167,60 @@ func checkAligned(name, op string, off, n int64, align int) error {
 }
 
 func itoa(n int) string { return fmt.Sprint(n) }
+
+// AIOMode chooses how File issues ReadAt and WriteAt.
+type AIOMode int
+
+const (
+	// AIODefault is DefaultAIO, the mode measured to serve best.
+	AIODefault AIOMode = iota
+	// AIOOff: every request is a blocking pread/pwrite(v2) in the
+	// caller's thread.
+	AIOOff
+	// AIOAlways: every request is submitted with io_submit and completed
+	// by the reaper.
+	AIOAlways
+	// AIOConcurrent: a request goes through AIO only while another
+	// ReadAt/WriteAt is in progress on the file; a lone request (queue
+	// depth 1) takes the synchronous path, which has the lower latency.
+	AIOConcurrent
+)
+
+// DefaultAIO is what AIODefault means. Measured through keel serve with
+// fio's nbd engine (4 KiB random, loopback, 2 shared cores, medians of 6
+// alternating runs, ratios to AIOOff): AIOAlways 1.39x on reads and 1.29x on
+// writes at queue depth 32, but 0.76x at queue depth 1 (two goroutine
+// wakeups instead of none); AIOConcurrent 1.17x, 0.98x and 0.97x. The
+// queue-depth-32 targets decide it; a latency-bound deployment can choose
+// AIOConcurrent or AIOOff (volume.Options.AIO, KEEL_DIO_AIO).
+const DefaultAIO = AIOAlways
+
+// ParseAIOMode reads a mode by name ("off", "always", "concurrent",
+// "default") or number (0 off, 1 always, 2 concurrent).
+func ParseAIOMode(s string) (AIOMode, error) {
+	switch s {
+	case "default", "":
+		return AIODefault, nil
+	case "off", "0":
+		return AIOOff, nil
+	case "always", "on", "1":
+		return AIOAlways, nil
+	case "concurrent", "2":
+		return AIOConcurrent, nil
+	}
+	return AIODefault, fmt.Errorf("dio: unknown AIO mode %q (want off, always or concurrent): %w", s, unix.EINVAL)
+}
+
+func (m AIOMode) String() string {
+	switch m {
+	case AIODefault:
+		return "default"
+	case AIOOff:
+		return "off"
+	case AIOAlways:
+		return "always"
+	case AIOConcurrent:
+		return "concurrent"
+	}
+	return "AIOMode(" + itoa(int(m)) + ")"
+}

@@ -27,8 +27,26 @@ func devices(t *testing.T) map[string]func(t *testing.T) device {
 			t.Cleanup(func() { f.Close() })
 			return f
 		},
-		"mem": func(t *testing.T) device { return NewMem(MemOptions{Size: testSize}) },
+		"file-aio": func(t *testing.T) device { return createAIO(t, AIOAlways, 8) },
+		"mem":      func(t *testing.T) device { return NewMem(MemOptions{Size: testSize}) },
 	}
+}
+
+// createAIO returns a fresh File with native AIO in mode, depth slots.
+func createAIO(t *testing.T, mode AIOMode, depth int) *File {
+	t.Helper()
+	f, err := Create(filepath.Join(t.TempDir(), "dev"), testSize)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { f.Close() })
+	if err := f.EnableAIO(mode, depth); err != nil {
+		t.Fatal(err)
+	}
+	if f.AIO() != mode {
+		t.Fatalf("AIO() = %v after EnableAIO(%v)", f.AIO(), mode)
+	}
+	return f
 }
 
 func TestDeviceConformance(t *testing.T) {
@@ -232,11 +250,13 @@ func TestFileOpenErrors(t *testing.T) {
 }
 
 func TestFileNoAllocs(t *testing.T) {
-	f, err := Create(filepath.Join(t.TempDir(), "dev"), testSize)
-	if err != nil {
-		t.Fatal(err)
+	for _, mode := range []AIOMode{AIOOff, AIOAlways} {
+		t.Run(mode.String(), func(t *testing.T) { testNoAllocs(t, mode) })
 	}
-	defer f.Close()
+}
+
+func testNoAllocs(t *testing.T, mode AIOMode) {
+	f := createAIO(t, mode, 4)
 	b := iobuf.Get(4096).Bytes()
 	for _, c := range []struct {
 		name string
@@ -251,14 +271,26 @@ func TestFileNoAllocs(t *testing.T) {
 			t.Errorf("%s allocates %.1f per call", c.name, a)
 		}
 	}
+	if s := f.Stats(); (mode == AIOAlways) != (s.AIORequests >= 3*101) || s.AIOFallbacks != 0 {
+		t.Errorf("mode %v: stats %+v", mode, s)
+	}
 }
 
 func BenchmarkFile(b *testing.B) {
+	for _, mode := range []AIOMode{AIOOff, AIOAlways} {
+		b.Run("aio="+mode.String(), func(b *testing.B) { benchFile(b, mode) })
+	}
+}
+
+func benchFile(b *testing.B, mode AIOMode) {
 	f, err := Create(filepath.Join(b.TempDir(), "dev"), 64<<20)
 	if err != nil {
 		b.Fatal(err)
 	}
 	defer f.Close()
+	if err := f.EnableAIO(mode, 64); err != nil {
+		b.Fatal(err)
+	}
 	buf := iobuf.Get(4096).Bytes()
 	for _, c := range []struct {
 		name string
@@ -280,4 +312,20 @@ func BenchmarkFile(b *testing.B) {
 			}
 		})
 	}
+	b.Run("ReadAt4KParallel", func(b *testing.B) {
+		b.SetParallelism(16)
+		b.SetBytes(4096)
+		b.RunParallel(func(pb *testing.PB) {
+			p := iobuf.Get(4096)
+			defer p.Release()
+			off := int64(0)
+			for pb.Next() {
+				if err := f.ReadAt(p.Bytes(), off); err != nil {
+					b.Error(err)
+					return
+				}
+				off = (off + 1<<20 + 4096) % (64 << 20)
+			}
+		})
+	})
 }

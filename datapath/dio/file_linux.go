@@ -34,6 +34,11 @@ type File struct {
 	zeroFallbacks atomic.Int64
 	zeroBytes     atomic.Int64
 	closed        atomic.Bool
+
+	// aio is the native AIO engine, nil when off; set by EnableAIO before
+	// the File is shared, read-only afterwards.
+	aio              *aioEngine
+	aioSetupFailures atomic.Int64
 }
 
 // Open opens an existing file or block device for direct I/O and probes its
@@ -169,13 +174,31 @@ func (f *File) Stats() Stats {
 		FUAFallbacks:     f.fuaFallbacks.Load(),
 		ZeroFallbacks:    f.zeroFallbacks.Load(),
 		ZeroBytesWritten: f.zeroBytes.Load(),
+		AIOSetupFailures: f.aioSetupFailures.Load(),
+		AIORequests:      f.aio.requests(),
+		AIOFallbacks:     f.aio.fallbackCount(),
+		AIOShort:         f.aio.shortCount(),
 	}
 }
 
-// ReadAt reads len(p) bytes at off with pread(2), looping over short reads.
-// Reading past the end of the file is an error (EIO): a replica never does it
-// unless the file was truncated under it. It borrows p.
+// ReadAt reads len(p) bytes at off: through native AIO when it is enabled
+// (see EnableAIO), else with pread(2), looping over short reads. Reading
+// past the end of the file is an error (EIO): a replica never does it unless
+// the file was truncated under it. It borrows p.
 func (f *File) ReadAt(p []byte, off int64) error {
+	if e := f.aio; e != nil && len(p) > 0 {
+		e.busy.Add(1)
+		handled, err := f.readAIO(e, p, off)
+		e.busy.Add(-1)
+		if handled {
+			return err
+		}
+	}
+	return f.readSync(p, off)
+}
+
+// readSync is ReadAt with pread(2).
+func (f *File) readSync(p []byte, off int64) error {
 	done := 0
 	for done < len(p) {
 		n, err := unix.Pread(f.fd, p[done:], off+int64(done))
@@ -193,10 +216,25 @@ func (f *File) ReadAt(p []byte, off int64) error {
 	return nil
 }
 
-// WriteAt writes p at off with pwrite(2), looping over short writes. With
-// fua the data is durable when WriteAt returns: pwritev2(RWF_DSYNC), or
-// pwrite + fdatasync where the kernel refuses RWF_DSYNC. It borrows p.
+// WriteAt writes p at off: through native AIO when it is enabled (see
+// EnableAIO), else with pwrite(2), looping over short writes. With fua the
+// data is durable when WriteAt returns: RWF_DSYNC (in the iocb, or
+// pwritev2), or pwrite + fdatasync where the kernel refuses RWF_DSYNC. It
+// borrows p.
 func (f *File) WriteAt(p []byte, off int64, fua bool) error {
+	if e := f.aio; e != nil && len(p) > 0 {
+		e.busy.Add(1)
+		handled, err := f.writeAIO(e, p, off, fua)
+		e.busy.Add(-1)
+		if handled {
+			return err
+		}
+	}
+	return f.writeSync(p, off, fua)
+}
+
+// writeSync is WriteAt with pwrite(2) or pwritev2(2).
+func (f *File) writeSync(p []byte, off int64, fua bool) error {
 	if fua && !f.noDSync.Load() {
 		err := f.pwritev2DSync(p, off)
 		if err == nil {
@@ -371,10 +409,15 @@ func (f *File) Extents(off, n int64, fn func(length int64, hole, zero bool) bool
 	return nil
 }
 
-// Close closes the file (releasing its lock). It does not sync.
+// Close closes the file (releasing its lock). It does not sync. With AIO
+// it first waits for every submitted request to complete, then destroys
+// the AIO context.
 func (f *File) Close() error {
 	if !f.closed.CompareAndSwap(false, true) {
 		return &Error{Op: "close (already closed)", Path: f.path, Off: -1, Len: -1, Err: unix.EBADF}
+	}
+	if f.aio != nil {
+		f.aio.stop()
 	}
 	if err := unix.Close(f.fd); err != nil {
 		return &Error{Op: "close", Path: f.path, Off: -1, Len: -1, Err: asErrno(err)}

@@ -40,3 +40,9 @@ func (f *File) ZeroRange(off, n int64, fallback bool) (bool, error) {
 func (f *File) Extents(off, n int64, fn func(length int64, hole, zero bool) bool) error {
 	return unsupported("lseek", f.path)
 }
+
+// EnableAIO fails: File is Linux-only.
+func (f *File) EnableAIO(mode AIOMode, depth int) error { return unsupported("io_setup", f.path) }
+
+// AIO is AIOOff: File is Linux-only.
+func (f *File) AIO() AIOMode { return AIOOff }

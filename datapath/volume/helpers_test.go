@@ -62,8 +62,17 @@ func createMem(t testing.TB, size int64, opts dio.MemOptions) (*volume.Volume, *
 
 func createFile(t testing.TB, dir string, size int64) (*volume.Volume, string) {
 	t.Helper()
+	return createFileAIO(t, dir, size, dio.AIODefault)
+}
+
+// aioModes are the ways a File can issue reads and writes; tests on files
+// run on each.
+var aioModes = []dio.AIOMode{dio.AIOOff, dio.AIOAlways, dio.AIOConcurrent}
+
+func createFileAIO(t testing.TB, dir string, size int64, mode dio.AIOMode) (*volume.Volume, string) {
+	t.Helper()
 	p := filepath.Join(dir, "vol")
-	v, err := volume.Create(p, size, volume.Options{Logger: logger(t)})
+	v, err := volume.Create(p, size, volume.Options{Logger: logger(t), AIO: mode})
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -155,17 +155,23 @@ func TestPropertyMem(t *testing.T) {
 }
 
 // TestPropertyFile runs the model against an O_DIRECT file on the work disk
-// (ext4, 512-byte direct-I/O alignment).
+// (ext4, 512-byte direct-I/O alignment), with each way of issuing I/O.
 func TestPropertyFile(t *testing.T) {
+	for _, mode := range aioModes {
+		t.Run("aio="+mode.String(), func(t *testing.T) { testPropertyFile(t, mode) })
+	}
+}
+
+func testPropertyFile(t *testing.T, mode dio.AIOMode) {
 	seed := testSeed(t)
 	rng := rand.New(rand.NewPCG(seed, 2))
 	const size = 8 << 20
-	v, path := createFile(t, t.TempDir(), size)
+	v, path := createFileAIO(t, t.TempDir(), size, mode)
 	model := runModel(t, v, rng, *opsFlag, caps{punch: true, fastZero: true}, seed)
 	if err := v.Close(); err != nil {
 		t.Fatal(err)
 	}
-	v2, err := volume.Open(path, volume.Options{Size: size, Logger: logger(t)})
+	v2, err := volume.Open(path, volume.Options{Size: size, Logger: logger(t), AIO: mode})
 	if err != nil {
 		t.Fatalf("seed %d: reopen: %v", seed, err)
 	}
