@@ -19,6 +19,7 @@ import (
 	"github.com/spf13/cobra"
 
 	"keel/bench/fio"
+	"keel/bench/repl"
 	"keel/ctl/coordapi"
 )
 
@@ -28,7 +29,7 @@ func Command() *cobra.Command {
 		Use:   "bench",
 		Short: "Benchmarks: keel against its peers and the disk itself",
 	}
-	cmd.AddCommand(fioCommand())
+	cmd.AddCommand(fioCommand(), replCommand())
 	return cmd
 }
 
@@ -108,6 +109,65 @@ Missing peers are skipped; install them with ` + "`make bench-deps`" + `.`,
 	f.StringVar(&cfg.KeelBin, "keel-bin", "", "keel binary serving the keel target (default: this executable)")
 	f.StringVar(&cfg.FioBin, "fio", "fio", "fio binary")
 	f.StringVar(&markdown, "markdown", "", "print the Markdown table of an existing report (e.g. bench/results/latest.json) and exit")
+	f.BoolVarP(&quiet, "quiet", "q", false, "log no progress to stderr, only failures")
+	return cmd
+}
+
+func replCommand() *cobra.Command {
+	var (
+		cfg   repl.Config
+		size  string
+		quiet bool
+	)
+	cmd := &cobra.Command{
+		Use:   "repl",
+		Short: "Measure two-way replication against unreplicated keel: IOPS ratio, added latency, CPU and copies per byte",
+		Long: `Run 4 KiB random writes (fio, nbd engine) at QD32 and QD1 against keel serve
+(unreplicated) and against a volume with 2 replicas (keel up --nodes 2
+--replicas 2, on loopback), alternating the two rep by rep. Prints a table,
+the QD32 IOPS ratio, the QD1 latency added, CPU seconds per GiB replicated,
+copies per replicated byte and issue 4's PASS/MISS lines, and writes
+repl-latest.json and repl-latest.md into --out.`,
+		Args: cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			n, err := coordapi.ParseSize(size)
+			if err != nil {
+				return fmt.Errorf("--size: %w", err)
+			}
+			cfg.Size = n
+			if cfg.KeelBin == "" {
+				if exe, err := os.Executable(); err == nil {
+					cfg.KeelBin = exe
+				}
+			}
+			cfg.Command = os.Args
+			cfg.Stdout = cmd.OutOrStdout()
+			level := slog.LevelInfo
+			if quiet {
+				level = slog.LevelWarn
+			}
+			cfg.Logger = slog.New(slog.NewTextHandler(cmd.ErrOrStderr(), &slog.HandlerOptions{Level: level}))
+			ctx, stop := signal.NotifyContext(cmd.Context(), os.Interrupt, syscall.SIGTERM)
+			defer stop()
+			r, err := repl.Run(ctx, cfg)
+			if err != nil {
+				return err
+			}
+			if len(r.Errors) > 0 {
+				return fmt.Errorf("%d setup turn(s) failed: see the errors above", len(r.Errors))
+			}
+			return nil
+		},
+	}
+	f := cmd.Flags()
+	f.DurationVar(&cfg.Runtime, "runtime", 10*time.Second, "measured time per workload")
+	f.DurationVar(&cfg.Warmup, "warmup", time.Second, "unmeasured QD1 write run after each start (negative: none)")
+	f.IntVar(&cfg.Reps, "reps", 2, "repetitions; the two setups alternate within each")
+	f.StringVar(&size, "size", "1G", "volume size (K, M, G, T suffixes are binary)")
+	f.StringVar(&cfg.Dir, "dir", "", "directory for volume files and data directories, on the disk under test, never tmpfs (default: a new directory under /var/tmp)")
+	f.StringVar(&cfg.Out, "out", "bench/results", "directory for repl-latest.json and repl-latest.md (empty: write none)")
+	f.StringVar(&cfg.KeelBin, "keel-bin", "", "keel binary both setups run (default: this executable)")
+	f.StringVar(&cfg.FioBin, "fio", "fio", "fio binary")
 	f.BoolVarP(&quiet, "quiet", "q", false, "log no progress to stderr, only failures")
 	return cmd
 }
