@@ -6,7 +6,7 @@ DATA ?= $(CURDIR)/data
 FUZZTIME ?= 60
 TESTFLAGS ?=
 
-.PHONY: help build deps test test-unit test-kernel fuzz run serve bench bench-deps vet clean
+.PHONY: help build deps test test-unit test-kernel fuzz run serve bench bench-repl bench-deps vet clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
@@ -48,6 +48,9 @@ bench-deps: ## install the peer servers the benchmarks compare against
 
 bench: build ## run the default fio suite: keel, its peers and the raw disk; writes bench/results/latest.{json,svg}
 	./bin/keel bench fio --out bench/results
+
+bench-repl: build ## replicated (2 replicas) vs unreplicated 4 KiB writes, side by side; writes bench/results/repl-latest.{json,md}
+	./bin/keel bench repl --runtime 10s --reps 2
 
 clean: ## remove built files (not data/)
 	rm -rf bin
