@@ -72,18 +72,10 @@ Missing peers are skipped; install them with ` + "`make bench-deps`" + `.`,
 			cfg.Size = n
 			cfg.Targets = splitList(peers)
 			cfg.Workloads = splitList(workloads)
-			if cfg.KeelBin == "" {
-				if exe, err := os.Executable(); err == nil {
-					cfg.KeelBin = exe
-				}
-			}
+			cfg.KeelBin = keelBin(cfg.KeelBin)
 			cfg.Command = os.Args
 			cfg.Stdout = cmd.OutOrStdout()
-			level := slog.LevelInfo
-			if quiet {
-				level = slog.LevelWarn
-			}
-			cfg.Logger = slog.New(slog.NewTextHandler(cmd.ErrOrStderr(), &slog.HandlerOptions{Level: level}))
+			cfg.Logger = logger(cmd, quiet)
 			ctx, stop := signal.NotifyContext(cmd.Context(), os.Interrupt, syscall.SIGTERM)
 			defer stop()
 			r, err := fio.Run(ctx, cfg)
@@ -135,18 +127,10 @@ repl-latest.json and repl-latest.md into --out.`,
 				return fmt.Errorf("--size: %w", err)
 			}
 			cfg.Size = n
-			if cfg.KeelBin == "" {
-				if exe, err := os.Executable(); err == nil {
-					cfg.KeelBin = exe
-				}
-			}
+			cfg.KeelBin = keelBin(cfg.KeelBin)
 			cfg.Command = os.Args
 			cfg.Stdout = cmd.OutOrStdout()
-			level := slog.LevelInfo
-			if quiet {
-				level = slog.LevelWarn
-			}
-			cfg.Logger = slog.New(slog.NewTextHandler(cmd.ErrOrStderr(), &slog.HandlerOptions{Level: level}))
+			cfg.Logger = logger(cmd, quiet)
 			ctx, stop := signal.NotifyContext(cmd.Context(), os.Interrupt, syscall.SIGTERM)
 			defer stop()
 			r, err := repl.Run(ctx, cfg)
@@ -181,4 +165,24 @@ func splitList(s string) []string {
 		}
 	}
 	return out
+}
+
+// keelBin is the keel binary the harness starts: the flag's, or the
+// running executable.
+func keelBin(flag string) string {
+	if flag == "" {
+		if exe, err := os.Executable(); err == nil {
+			return exe
+		}
+	}
+	return flag
+}
+
+// logger logs progress to the command's stderr; quiet keeps warnings only.
+func logger(cmd *cobra.Command, quiet bool) *slog.Logger {
+	level := slog.LevelInfo
+	if quiet {
+		level = slog.LevelWarn
+	}
+	return slog.New(slog.NewTextHandler(cmd.ErrOrStderr(), &slog.HandlerOptions{Level: level}))
 }
