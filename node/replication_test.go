@@ -160,6 +160,11 @@ func TestFencedPrimaryCannotAck(t *testing.T) {
 	if err := (&Backend{r: or}).WriteAt(buf, 0, false); !errors.Is(err, unix.ESHUTDOWN) {
 		t.Fatalf("old primary's backend after the move: %v, want ESHUTDOWN", err)
 	}
+	// Invariant 4: it serves no reads either, since the new primary may
+	// acknowledge writes it never sees.
+	if err := (&Backend{r: or}).ReadAt(buf, 0); !errors.Is(err, unix.ESHUTDOWN) {
+		t.Fatalf("old primary's backend read after the move: %v, want ESHUTDOWN (a stale read)", err)
+	}
 	// And the new primary acknowledges.
 	cl := mustDialNBD(t, c.nodes[nv.Primary].PrimaryAddr(), "fence")
 	if err := cl.Write(buf, 0, true); err != nil {
