@@ -207,6 +207,18 @@ func (c *call) decode(v any, emptyOK bool) *coordapi.Error {
 
 // propose commits cmd through raft when this member leads, or asks for
 // the call to be forwarded to the leader.
+// decodeValid decodes a required body into v and validates it: 400 with the
+// reason when either fails.
+func (c *call) decodeValid(v interface{ Validate() error }) *coordapi.Error {
+	if e := c.decode(v, false); e != nil {
+		return e
+	}
+	if err := v.Validate(); err != nil {
+		return badRequest(err)
+	}
+	return nil
+}
+
 func (c *call) propose(cmd coord.Command) (coord.Result, *coordapi.Error) {
 	s := c.s
 	if e := c.leaderOrForward(); e != nil {
@@ -294,11 +306,8 @@ func (s *Server) forward(c *call) {
 
 func (s *Server) register(c *call) (int, any, *coordapi.Error) {
 	var req coordapi.RegisterRequest
-	if e := c.decode(&req, false); e != nil {
+	if e := c.decodeValid(&req); e != nil {
 		return 0, nil, e
-	}
-	if err := req.Validate(); err != nil {
-		return 0, nil, badRequest(err)
 	}
 	res, e := c.propose(coord.Command{Op: coord.OpRegister, Register: &req})
 	if e != nil {
@@ -309,11 +318,8 @@ func (s *Server) register(c *call) (int, any, *coordapi.Error) {
 
 func (s *Server) heartbeat(c *call) (int, any, *coordapi.Error) {
 	var req coordapi.HeartbeatRequest
-	if e := c.decode(&req, false); e != nil {
+	if e := c.decodeValid(&req); e != nil {
 		return 0, nil, e
-	}
-	if err := req.Validate(); err != nil {
-		return 0, nil, badRequest(err)
 	}
 	res, e := c.propose(coord.Command{Op: coord.OpHeartbeat, Heartbeat: &req})
 	if e != nil {
@@ -324,11 +330,8 @@ func (s *Server) heartbeat(c *call) (int, any, *coordapi.Error) {
 
 func (s *Server) replicaLoss(c *call) (int, any, *coordapi.Error) {
 	var req coordapi.ReplicaLossRequest
-	if e := c.decode(&req, false); e != nil {
+	if e := c.decodeValid(&req); e != nil {
 		return 0, nil, e
-	}
-	if err := req.Validate(); err != nil {
-		return 0, nil, badRequest(err)
 	}
 	res, e := c.propose(coord.Command{Op: coord.OpReplicaLoss, ReplicaLoss: &coord.ReplicaLoss{Volume: c.r.PathValue("vol"), ReplicaLossRequest: req}})
 	if e != nil {
@@ -386,11 +389,8 @@ func (s *Server) volume(c *call) (int, any, *coordapi.Error) {
 
 func (s *Server) createVolume(c *call) (int, any, *coordapi.Error) {
 	var req coordapi.CreateVolumeRequest
-	if e := c.decode(&req, false); e != nil {
+	if e := c.decodeValid(&req); e != nil {
 		return 0, nil, e
-	}
-	if err := req.Validate(); err != nil {
-		return 0, nil, badRequest(err)
 	}
 	res, e := c.propose(coord.Command{Op: coord.OpCreateVolume, CreateVolume: &req})
 	if e != nil {
@@ -461,11 +461,8 @@ func (s *Server) cell(c *call) (int, any, *coordapi.Error) {
 
 func (s *Server) join(c *call) (int, any, *coordapi.Error) {
 	var req coordapi.JoinRequest
-	if e := c.decode(&req, false); e != nil {
+	if e := c.decodeValid(&req); e != nil {
 		return 0, nil, e
-	}
-	if err := req.Validate(); err != nil {
-		return 0, nil, badRequest(err)
 	}
 	if e := c.leaderOrForward(); e != nil {
 		return 0, nil, e
