@@ -8,6 +8,7 @@
 package bench
 
 import (
+	"context"
 	"fmt"
 	"log/slog"
 	"os"
@@ -76,16 +77,13 @@ Missing peers are skipped; install them with ` + "`make bench-deps`" + `.`,
 			cfg.Command = os.Args
 			cfg.Stdout = cmd.OutOrStdout()
 			cfg.Logger = logger(cmd, quiet)
-			ctx, stop := signal.NotifyContext(cmd.Context(), os.Interrupt, syscall.SIGTERM)
-			defer stop()
-			r, err := fio.Run(ctx, cfg)
-			if err != nil {
-				return err
-			}
-			if len(r.Errors) > 0 {
-				return fmt.Errorf("%d target turn(s) failed: see the errors above", len(r.Errors))
-			}
-			return nil
+			return runUntilSignal(cmd, "target", func(ctx context.Context) (int, error) {
+				r, err := fio.Run(ctx, cfg)
+				if err != nil {
+					return 0, err
+				}
+				return len(r.Errors), nil
+			})
 		},
 	}
 	f := cmd.Flags()
@@ -131,16 +129,13 @@ repl-latest.json and repl-latest.md into --out.`,
 			cfg.Command = os.Args
 			cfg.Stdout = cmd.OutOrStdout()
 			cfg.Logger = logger(cmd, quiet)
-			ctx, stop := signal.NotifyContext(cmd.Context(), os.Interrupt, syscall.SIGTERM)
-			defer stop()
-			r, err := repl.Run(ctx, cfg)
-			if err != nil {
-				return err
-			}
-			if len(r.Errors) > 0 {
-				return fmt.Errorf("%d setup turn(s) failed: see the errors above", len(r.Errors))
-			}
-			return nil
+			return runUntilSignal(cmd, "setup", func(ctx context.Context) (int, error) {
+				r, err := repl.Run(ctx, cfg)
+				if err != nil {
+					return 0, err
+				}
+				return len(r.Errors), nil
+			})
 		},
 	}
 	f := cmd.Flags()
@@ -185,4 +180,19 @@ func logger(cmd *cobra.Command, quiet bool) *slog.Logger {
 		level = slog.LevelWarn
 	}
 	return slog.New(slog.NewTextHandler(cmd.ErrOrStderr(), &slog.HandlerOptions{Level: level}))
+}
+
+// runUntilSignal runs a harness until it ends or SIGINT/SIGTERM cancels it,
+// and fails when any of its turns (of the named kind) failed.
+func runUntilSignal(cmd *cobra.Command, kind string, run func(context.Context) (failed int, err error)) error {
+	ctx, stop := signal.NotifyContext(cmd.Context(), os.Interrupt, syscall.SIGTERM)
+	defer stop()
+	failed, err := run(ctx)
+	if err != nil {
+		return err
+	}
+	if failed > 0 {
+		return fmt.Errorf("%d %s turn(s) failed: see the errors above", failed, kind)
+	}
+	return nil
 }
