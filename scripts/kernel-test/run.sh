@@ -56,6 +56,14 @@ fi
 # --- kernel ------------------------------------------------------------------
 # The versioned package linux-image-amd64 depends on, e.g. linux-image-6.1.0-56-amd64.
 pkg=$(apt-cache depends linux-image-amd64 2>/dev/null | awk '/Depends: linux-image-[0-9]/ {print $2; exit}' || true)
+if [ -z "$pkg" ] && ! ls "$cache"/linux-image-*.deb >/dev/null 2>&1; then
+	# A fresh machine may have no package lists yet.
+	say "apt-get update (no package lists to resolve linux-image-amd64)"
+	SUDO=""
+	[ "$(id -u)" -eq 0 ] || SUDO=sudo
+	$SUDO apt-get update -qq || true
+	pkg=$(apt-cache depends linux-image-amd64 2>/dev/null | awk '/Depends: linux-image-[0-9]/ {print $2; exit}' || true)
+fi
 deb=""
 if [ -n "$pkg" ]; then
 	deb=$(ls -t "$cache/${pkg}"_*.deb 2>/dev/null | head -1 || true)
