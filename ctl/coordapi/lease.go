@@ -127,6 +127,10 @@ type Config struct {
 	// ReserveFraction of every node's capacity is kept for re-mirroring:
 	// volume creation is refused before it would use it.
 	ReserveFraction float64 `json:"reserve_fraction"`
+	// Recovery is the storm control (grace, re-mirror limits,
+	// mass-failure mode). A zero value (a configuration written before it
+	// existed) means DefaultRecovery.
+	Recovery RecoveryConfig `json:"recovery"`
 }
 
 // DefaultConfig: a 10 s lease, 1% clock-rate bound, 0.5 s margin, a
@@ -148,6 +152,7 @@ func DefaultConfig() Config {
 			Interval: Duration(2 * time.Second),
 		},
 		ReserveFraction: 0.2,
+		Recovery:        DefaultRecovery(),
 	}
 }
 
@@ -158,6 +163,11 @@ func (c Config) Validate() error {
 	}
 	if !(c.ReserveFraction >= 0 && c.ReserveFraction <= 0.9) {
 		return fmt.Errorf("reserve_fraction %v: must be between 0 and 0.9", c.ReserveFraction)
+	}
+	if c.Recovery != (RecoveryConfig{}) {
+		if err := c.Recovery.Validate(); err != nil {
+			return fmt.Errorf("recovery: %w", err)
+		}
 	}
 	return nil
 }

@@ -118,6 +118,10 @@ type ReplicaReport struct {
 	DurableSeq Seq    `json:"durable_seq"`
 	Health     Health `json:"health,omitempty"` // "" means ok
 	Reason     string `json:"reason,omitempty"` // why impaired
+	// Syncs: the copies this node runs as the volume's primary (catch-up
+	// or re-mirror to out-of-sync members), with progress. Reporting one
+	// keeps its slot; a slot not reported for SlotTTL is released.
+	Syncs []SyncReport `json:"syncs,omitempty"`
 }
 
 // HeartbeatResponse answers a registration or heartbeat: the lease
@@ -167,6 +171,13 @@ type Peer struct {
 	ReplAddr    string `json:"repl_addr"`
 	Role        Role   `json:"role"`
 	InSync      bool   `json:"in_sync"`
+	// Live: the peer's node holds a valid lease (a returning member can
+	// be caught up).
+	Live bool `json:"live"`
+	// State is the member's place in the recovery cycle; Sync names the
+	// copy its slot allows (set while a slot is held).
+	State MemberState `json:"state,omitempty"`
+	Sync  SyncKind    `json:"sync,omitempty"`
 }
 
 // ReplicaLossRequest is a primary reporting that a secondary no longer
@@ -262,6 +273,12 @@ type Member struct {
 	DurableSeq    Seq    `json:"durable_seq"`
 	Health        Health `json:"health,omitempty"`
 	HealthReason  string `json:"health_reason,omitempty"`
+	// Recovery (see recovery.go): State, since when the member is out of
+	// sync, whether it needs a whole copy, and the copy under way.
+	State          MemberState   `json:"state"`
+	OutOfSyncSince time.Time     `json:"out_of_sync_since,omitzero"`
+	FullCopy       bool          `json:"full_copy,omitempty"`
+	Sync           *SyncProgress `json:"sync,omitempty"`
 }
 
 // VolumeList is GET /v1/volumes.
@@ -279,6 +296,14 @@ type Node struct {
 	Free        int64  `json:"free"`      // as last reported
 	Allocated   int64  `json:"allocated"` // sum of the sizes of its replicas
 	Reserve     int64  `json:"reserve"`   // kept for re-mirroring
+	// ReserveUsed is how much of the reserve re-mirrors have taken;
+	// above 0 is an alarm (ReserveAlarm).
+	ReserveUsed  int64  `json:"reserve_used"`
+	ReserveAlarm string `json:"reserve_alarm,omitempty"`
+	// Quarantined is space held by replicas of a failed (or declared
+	// gone) node that are not yet re-mirrored elsewhere: not offered to
+	// placement until then.
+	Quarantined int64 `json:"quarantined"`
 	// Available is what new volumes may still use:
 	// min(capacity-allocated, free) - reserve, never below 0.
 	Available   int64     `json:"available"`
