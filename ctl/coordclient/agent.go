@@ -176,6 +176,44 @@ func (a *Agent) ReportReplicaLoss(ctx context.Context, vol coordapi.VolumeID, ep
 	return cloneAssignment(*as), nil
 }
 
+// RequestSync asks, as primary of vol at epoch, for a slot to copy the
+// volume to target. A refused grant (Granted false) is returned without
+// error; wait SyncRetryWait before asking again.
+func (a *Agent) RequestSync(ctx context.Context, vol coordapi.VolumeID, epoch coordapi.Epoch, target coordapi.NodeID) (coordapi.SyncGrant, error) {
+	g, err := a.c.Sync(ctx, string(vol), coordapi.SyncRequest{Node: a.cfg.Node.Node, Epoch: epoch, Target: target})
+	if err != nil {
+		return coordapi.SyncGrant{}, err
+	}
+	return *g, nil
+}
+
+// SyncRetryWait is how long to wait before the next slot request after
+// refusals consecutive refusals (1 for the first): at least the grant's
+// RetryAfter, raised by capped exponential backoff with equal jitter so
+// that primaries refused together do not ask again together.
+func (a *Agent) SyncRetryWait(refusals int, g coordapi.SyncGrant) time.Duration {
+	return SlotBackoff.After(refusals-1, g.RetryAfter.D(), a.c.cfg.Rand)
+}
+
+// Rejoin reports, as primary of vol at epoch, that target's copy (of kind,
+// copied bytes sent) is complete and it holds every write. On success the
+// new assignment (a new epoch, target back in the in-sync set) is merged
+// into the agent's view like ReportReplicaLoss does, OnChange follows, and
+// it is returned.
+func (a *Agent) Rejoin(ctx context.Context, vol coordapi.VolumeID, epoch coordapi.Epoch, target coordapi.NodeID, kind coordapi.SyncKind, copied int64) (coordapi.Assignment, error) {
+	as, err := a.c.Rejoin(ctx, string(vol), coordapi.RejoinRequest{Node: a.cfg.Node.Node, Epoch: epoch, Target: target, Kind: kind, Copied: copied})
+	if err != nil {
+		return coordapi.Assignment{}, err
+	}
+	a.mu.Lock()
+	if cur, ok := a.view[as.Volume]; ok && as.Epoch > cur.Epoch {
+		a.view[as.Volume] = *as
+		a.signalChanged()
+	}
+	a.mu.Unlock()
+	return cloneAssignment(*as), nil
+}
+
 func (a *Agent) signalChanged() {
 	select {
 	case a.changed <- struct{}{}:
@@ -328,12 +366,7 @@ func (a *Agent) retryWait(failures int, retryAfter time.Duration) time.Duration 
 		interval = coordapi.DefaultConfig().Lease.Interval.D()
 	}
 	b := Backoff{Base: 50 * time.Millisecond, Max: max(interval/4, 100*time.Millisecond)}
-	w := b.Wait(failures, a.c.cfg.Rand)
-	if retryAfter > 0 {
-		ra := min(retryAfter, a.c.cfg.MaxRetryAfter)
-		w = max(w, ra+time.Duration(a.c.cfg.Rand()*float64(ra/4)))
-	}
-	return w
+	return b.After(failures, min(retryAfter, a.c.cfg.MaxRetryAfter), a.c.cfg.Rand)
 }
 
 // apply installs a heartbeat answer: the new view (keeping, per volume, a

@@ -86,6 +86,21 @@ func (b Backoff) Wait(attempt int, rnd func() float64) time.Duration {
 	return d/2 + time.Duration(rnd()*float64(d/2))
 }
 
+// After is the wait before retry number attempt when the server asked for
+// at least floor: the jittered Wait, but never below floor plus up to a
+// quarter of it in jitter.
+func (b Backoff) After(attempt int, floor time.Duration, rnd func() float64) time.Duration {
+	w := b.Wait(max(attempt, 0), rnd)
+	if floor > 0 {
+		w = max(w, floor+time.Duration(rnd()*float64(floor/4)))
+	}
+	return w
+}
+
+// SlotBackoff shapes the waits between refused slot requests
+// (Agent.SyncRetryWait): from 1 s, doubling, capped at 2 min.
+var SlotBackoff = Backoff{Base: time.Second, Max: 2 * time.Minute}
+
 // Config configures a Client.
 type Config struct {
 	// URLs of the coordinator cell's members, e.g. http://10.0.0.1:7400.
@@ -436,4 +451,27 @@ func (c *Client) Join(ctx context.Context, req coordapi.JoinRequest) (*coordapi.
 func (c *Client) RemoveMember(ctx context.Context, id string) (*coordapi.CellStatus, error) {
 	var out coordapi.CellStatus
 	return &out, c.do(ctx, http.MethodPost, "/v1/cell/remove", &coordapi.RemoveRequest{ID: id}, &out, callOpts{})
+}
+
+// Sync asks, as the volume's primary, for a slot to copy the volume to an
+// out-of-sync member. A refusal is not an error: the grant says
+// Granted=false and how long to wait (RetryAfter, to which the caller adds
+// its own backoff and jitter; see Backoff.After).
+func (c *Client) Sync(ctx context.Context, vol string, req coordapi.SyncRequest) (*coordapi.SyncGrant, error) {
+	var out coordapi.SyncGrant
+	return &out, c.do(ctx, http.MethodPost, "/v1/volumes/"+esc(vol)+"/sync", &req, &out, callOpts{})
+}
+
+// Rejoin reports, as the volume's primary, that an out-of-sync member now
+// holds every write; the answer is the primary's assignment at the new
+// epoch (or its current one when the member was in sync already).
+func (c *Client) Rejoin(ctx context.Context, vol string, req coordapi.RejoinRequest) (*coordapi.Assignment, error) {
+	var out coordapi.Assignment
+	return &out, c.do(ctx, http.MethodPost, "/v1/volumes/"+esc(vol)+"/rejoin", &req, &out, callOpts{})
+}
+
+// Cluster reads the storm control's view: mode, slots, alarms.
+func (c *Client) Cluster(ctx context.Context) (*coordapi.Cluster, error) {
+	var out coordapi.Cluster
+	return &out, c.do(ctx, http.MethodGet, "/v1/cluster", nil, &out, callOpts{})
 }
