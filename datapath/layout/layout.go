@@ -8,16 +8,9 @@
 //	0           4 KiB           superblock slot A (generations with bit 0 clear)
 //	4 KiB       4 KiB           superblock slot B (generations with bit 0 set)
 //	8 KiB       56 KiB          reserved, zero
-//	64 KiB      960 KiB         write-intent bitmap: bit i (byte i/8, bit i%8,
-//	                            least significant first) covers data bytes
-//	                            [i*RegionSize, (i+1)*RegionSize)
+//	64 KiB      960 KiB         write-intent bitmap: a header block and
+//	                            BitmapBlocks (239) bitmap blocks, below
 //	1 MiB       DataSize        data: what NBD clients see, at data offset 0
-//
-// RegionSize is fixed at creation: the smallest power of two of at least
-// 64 KiB whose bitmap fits the area (64 KiB regions cover volumes up to
-// 480 GiB). Only the area and the bit order are fixed here; the code that
-// maintains the bitmap (replication catch-up) owns how it is updated and
-// checked. A new volume's bitmap area is zero: nothing to catch up.
 //
 // The file is DataOffset+DataSize bytes, preallocated. Every metadata
 // structure is 4 KiB-aligned, so it can be read and written with O_DIRECT
@@ -35,7 +28,8 @@
 //	56    8  bitmap offset (bytes; 4096-aligned, after slot B)
 //	64    8  bitmap length (bytes; 4096-aligned, ends at or before the data)
 //	72    4  block size advertised to clients (power of two, 512..65536)
-//	76    4  region size: data bytes per bitmap bit (power of two >= 4096)
+//	76    4  region size: data bytes per bitmap bit (power of two >= 4096;
+//	         the bitmap header repeats it)
 //	80    8  epoch: highest coordinator epoch this replica has seen
 //	88    8  last applied replication sequence
 //	96 3996  reserved, must be zero
@@ -51,6 +45,50 @@
 // next superblock write overwrites the damaged slot) and fails, naming both
 // reasons, when neither is valid. It never returns a superblock that failed
 // its checks.
+//
+// # Write-intent bitmap
+//
+// Bit r of the bitmap says region r, data bytes [r*RegionSize,
+// (r+1)*RegionSize), may differ from the other replicas. The area holds a
+// header block and bitmap blocks, each 4096 bytes, little-endian, each
+// with its own CRC-32C so that a block torn by a crash or corrupt on disk
+// is detected and read as "every region of this block dirty" (never as
+// clean); a bad header makes every region dirty.
+//
+//	64 KiB + 0: header
+//	0     8  magic "KEELBMP\x00"
+//	8     4  format version (1)
+//	12    4  region size (power of two, 4096..2^31)
+//	16   16  volume id (the superblock's)
+//	32    8  data size (the superblock's)
+//	40    8  generation (never 0): blocks of another generation are stale
+//	48 4044  reserved, zero
+//	4092  4  CRC-32C of bytes 0..4091
+//
+//	64 KiB + 4 KiB*(1+i): bitmap block i, i in [0, 239)
+//	0     4  magic "KBMB"
+//	4     4  block index i
+//	8     8  generation (must equal the header's)
+//	16   16  volume id (must equal the header's)
+//	32 4056  bits: bit j (byte j/8, bit j%8, least significant first) is
+//	         region i*32448+j; bits past the last region are ignored
+//	4088  4  reserved, zero
+//	4092  4  CRC-32C of bytes 0..4091
+//
+// So the area tracks at most RegionCapacity = 239*32448 = 7,755,072
+// regions: 7.39 TiB at the default 1 MiB regions; a larger volume needs
+// larger regions (RegionSizeFor). The header's region size, volume id and
+// data size must equal the superblock's, else the header counts as bad.
+//
+// Update rules (datapath/volume implements them): a block is written whole
+// with FUA, and bits only ever get set by a block write while the volume
+// is degraded, or cleared all at once when every replica is in sync. The
+// header is rewritten only together with a new generation, chosen above
+// every generation found in any block on disk, so no block left over from
+// an earlier generation can become valid again; that is how a region size
+// change or a bad header is repaired: new header and every block of the
+// new generation, in one write; a crash part way leaves blocks stale or
+// torn (dirty) or the old header (still consistent).
 package layout
 
 import (
@@ -75,8 +113,6 @@ const (
 	Version = 1
 	// DefaultBlockSize is the block size advertised unless asked otherwise.
 	DefaultBlockSize = 4096
-	// MinRegionSize is the smallest bitmap granularity RegionSizeFor picks.
-	MinRegionSize = 64 << 10
 	// SizeAlign is what every data size must be a multiple of.
 	SizeAlign = 4096
 )
@@ -151,19 +187,12 @@ func New(id [16]byte, dataSize int64, blockSize int) (Superblock, error) {
 		BitmapOffset: BitmapOffset,
 		BitmapLength: BitmapLength,
 		BlockSize:    uint32(blockSize),
-		RegionSize:   RegionSizeFor(dataSize, BitmapLength),
+		RegionSize:   RegionSizeFor(dataSize, DefaultRegionSize),
+	}
+	if sb.RegionSize == 0 {
+		return Superblock{}, fmt.Errorf("%w: data size %d is too large for the write-intent bitmap", ErrInvalid, dataSize)
 	}
 	return sb, sb.Validate()
-}
-
-// RegionSizeFor returns the smallest power of two, at least MinRegionSize,
-// such that a bitmap of bitmapLen bytes covers dataSize bytes.
-func RegionSizeFor(dataSize, bitmapLen int64) uint32 {
-	r := int64(MinRegionSize)
-	for bitmapLen > 0 && r < 1<<31 && (dataSize+r-1)/r > bitmapLen*8 {
-		r <<= 1
-	}
-	return uint32(r)
 }
 
 // Regions is how many bitmap bits the data area needs.

@@ -40,15 +40,15 @@ func TestNewGeometry(t *testing.T) {
 	if sb.DataOffset != 1<<20 || sb.BitmapOffset != 64<<10 || sb.BitmapLength != 960<<10 || sb.BlockSize != 4096 {
 		t.Fatalf("geometry %+v", sb)
 	}
-	if sb.RegionSize != MinRegionSize {
-		t.Fatalf("4 GiB volume region size %d, want %d", sb.RegionSize, MinRegionSize)
+	if sb.RegionSize != DefaultRegionSize {
+		t.Fatalf("4 GiB volume region size %d, want %d", sb.RegionSize, DefaultRegionSize)
 	}
-	// A volume too large for 64 KiB regions gets larger ones, and fits.
-	big, err := New([16]byte{}, 1<<40, 0)
+	// A volume too large for 1 MiB regions gets larger ones, and fits.
+	big, err := New([16]byte{}, 16<<40, 0)
 	if err != nil {
 		t.Fatal(err)
 	}
-	if big.RegionSize != 256<<10 || big.Regions() > big.BitmapLength*8 {
+	if big.RegionSize != 4<<20 || big.Regions() > RegionCapacity {
 		t.Fatalf("1 TiB volume: region %d, %d regions", big.RegionSize, big.Regions())
 	}
 	for _, c := range []struct {
@@ -71,7 +71,7 @@ func TestRoundTrip(t *testing.T) {
 		sb.BlockSize = 512 << rng.IntN(8)
 		sb.DataSize = int64(rng.IntN(1<<20)+1) * 65536
 		sb.DataOffset, sb.BitmapOffset, sb.BitmapLength = DataOffset, BitmapOffset, BitmapLength
-		sb.RegionSize = RegionSizeFor(sb.DataSize, sb.BitmapLength) << rng.IntN(3)
+		sb.RegionSize = RegionSizeFor(sb.DataSize, DefaultRegionSize) << rng.IntN(3)
 		sb.Generation = rng.Uint64() | 1
 		sb.Epoch, sb.LastApplied = rng.Uint64(), rng.Uint64()
 		sb.Clean = rng.IntN(2) == 0
@@ -136,7 +136,7 @@ func TestDecodeErrors(t *testing.T) {
 			reseal(b)
 		}), ErrInvalid},
 		{"region too small for bitmap", edit(func(b []byte) {
-			binary.LittleEndian.PutUint64(b[offDataSize:], 1<<40)
+			binary.LittleEndian.PutUint64(b[offDataSize:], 1<<50)
 			reseal(b)
 		}), ErrInvalid},
 		{"generation 0", edit(func(b []byte) {

@@ -32,6 +32,18 @@
 //     reached the disk, and a later fdatasync that succeeds would not
 //     change that. The volume must be reopened (and resynchronised, once
 //     replication exists).
+//   - Write-intent bitmap (DESIGN invariant 6; format in datapath/layout):
+//     while a replica is out of sync the caller runs MarkDirty(off, n)
+//     before each data write, which returns once the regions covering the
+//     range are marked on stable storage; DirtyRegions and DirtyBytes say
+//     what a returning replica must copy; ClearDirty empties it once all
+//     replicas agree. A crash at any point leaves every region whose data
+//     may differ marked: bitmap blocks are written whole with FUA before
+//     the bits count as set, and a torn or corrupt block or header reads
+//     as all dirty. Opening converts the bitmap to Options.RegionSize
+//     when that differs, and repairs a bad header by writing every region
+//     dirty. The bitmap is independent of the clean flag: a clean close
+//     keeps it, since the other replicas may still be behind.
 //   - The epoch (DESIGN invariant 2) is persisted in the superblock before
 //     SetEpoch returns, and never goes backwards.
 //
@@ -102,6 +114,14 @@ type Options struct {
 	// Size is the data size in bytes: required to create; for an existing
 	// volume, when non-zero, it must match.
 	Size int64
+	// RegionSize is the write-intent bitmap's granularity in data bytes
+	// (see MarkDirty): a power of two, at least 4096 and the block size.
+	// 0 means: for a new volume layout.DefaultRegionSize (1 MiB), raised
+	// as far as a large volume needs; for an existing one, what it has.
+	// A different value for an existing volume converts its bitmap when
+	// it opens (a new region is dirty if any old one it overlaps was). A
+	// value too small for the volume is refused.
+	RegionSize int64
 	// AIO is how Open and Create issue aligned reads and writes on the
 	// file or device (dio.File.EnableAIO). dio.AIODefault takes the
 	// environment variable KEEL_DIO_AIO (off, always, concurrent) when it
@@ -174,6 +194,8 @@ type Volume struct {
 	syncErr atomic.Pointer[error] // first failed fdatasync; sticky
 
 	locks RangeLock
+
+	intent *intentMap // the write-intent bitmap; its own locks
 
 	closeMu sync.RWMutex // requests hold it shared, Close exclusively
 	closed  bool         // guarded by closeMu
@@ -275,7 +297,7 @@ func OpenDevice(dev Device, opts Options) (*Volume, error) {
 		if opts.ReadOnly {
 			return nil, fmt.Errorf("volume %s: cannot format a read-only volume: %w", name, unix.EINVAL)
 		}
-		if err := format(dev, opts.Size, opts.BlockSize); err != nil {
+		if err := format(dev, opts.Size, opts.BlockSize, opts.RegionSize); err != nil {
 			return nil, err
 		}
 		log.Info("volume formatted", "path", name, "size", opts.Size)
@@ -311,22 +333,61 @@ func OpenDevice(dev Device, opts Options) (*Volume, error) {
 		return nil, fmt.Errorf("volume %s: %w: data offset %d not aligned to the device's %d", name, ErrCorrupt, sb.DataOffset, align)
 	}
 
+	region := sb.RegionSize
+	switch {
+	case opts.RegionSize != 0:
+		if err := checkRegionSize(name, opts.RegionSize, sb.DataSize, sb.BlockSize); err != nil {
+			return nil, err
+		}
+		region = uint32(opts.RegionSize)
+	case (sb.DataSize+int64(region)-1)/int64(region) > layout.RegionCapacity:
+		// A volume made when the bitmap had no checksums could have
+		// more regions than the area now holds.
+		if region = layout.RegionSizeFor(sb.DataSize, region); region == 0 {
+			return nil, fmt.Errorf("volume %s: %w: %d data bytes are too many for the write-intent bitmap", name, ErrCorrupt, sb.DataSize)
+		}
+	}
+	ld, err := loadIntent(dev, &sb, region)
+	if err != nil {
+		return nil, fmt.Errorf("volume %s: %w", name, err)
+	}
+
 	v := &Volume{
 		dev: dev, log: log, name: name, readOnly: opts.ReadOnly,
 		size: sb.DataSize, dataOff: sb.DataOffset, blockSize: int(sb.BlockSize),
 		align: int64(align), memAlign: memAlign, id: sb.VolumeID, wasClean: sb.Clean,
-		sb: sb,
+		sb: sb, intent: ld.m,
 	}
 	v.epoch.Store(sb.Epoch)
+	switch {
+	case ld.why != nil:
+		log.Warn("volume write-intent bitmap header unusable: every region counts as dirty (a returning replica copies everything)",
+			"path", name, "why", ld.why)
+	case ld.convert != 0:
+		log.Info("volume write-intent bitmap converted to a new region size", "path", name,
+			"from", ld.convert, "to", region, "dirty_bytes", v.DirtyBytes())
+	}
+	if ld.bad > 0 {
+		log.Warn("volume write-intent bitmap blocks torn or corrupt: their regions count as dirty", "path", name, "blocks", ld.bad)
+	}
 	if !opts.ReadOnly {
-		// Not clean from now until Close: durable before any write.
+		// Not clean from now until Close: durable before any write. The
+		// superblock takes the region size first; a crash before the
+		// bitmap follows leaves the old bitmap, converted again next time.
 		next := sb
 		next.Clean = false
+		next.RegionSize = region
 		if err := v.writeSuperblockLocked(next); err != nil {
 			return nil, err
 		}
+		if ld.rewrite {
+			if err := v.intent.writeArea(dev, ld.maxGen+1); err != nil {
+				return nil, fmt.Errorf("volume %s: %w", name, err)
+			}
+		}
 	}
-	log.Info("volume opened", "path", name, "size", v.size, "block_size", v.blockSize,
+	log.Info("volume opened", "path", name, "size", v.size, "block_size", v.blockSize, "region_size", region,
+		"dirty_bytes", v.DirtyBytes(),
 		"read_only", v.readOnly, "last_shutdown_clean", v.wasClean, "epoch", sb.Epoch,
 		"dio_align", align, "dio_mem_align", memAlign)
 	if !v.wasClean {
@@ -335,8 +396,10 @@ func OpenDevice(dev Device, opts Options) (*Volume, error) {
 	return v, nil
 }
 
-// format writes the two superblock slots of a new volume.
-func format(dev Device, size int64, blockSize int) error {
+// format writes the write-intent bitmap (all clean) and then the two
+// superblock slots of a new volume: until the superblocks are there the
+// device counts as blank.
+func format(dev Device, size int64, blockSize int, regionSize int64) error {
 	name := dev.Name()
 	if err := checkSize(name, size, blockSize); err != nil {
 		return err
@@ -353,7 +416,16 @@ func format(dev Device, size int64, blockSize int) error {
 	if err != nil {
 		return fmt.Errorf("volume %s: %w", name, err)
 	}
+	if regionSize != 0 {
+		if err := checkRegionSize(name, regionSize, size, sb.BlockSize); err != nil {
+			return err
+		}
+		sb.RegionSize = uint32(regionSize)
+	}
 	sb.Clean = true // nothing written yet
+	if err := newIntentMap(size, sb.RegionSize, id, 1).writeArea(dev, 1); err != nil {
+		return fmt.Errorf("volume %s: %w", name, err)
+	}
 	buf := iobuf.Get(layout.SuperblockSize)
 	defer buf.Release()
 	// Generation 1 in slot B, then 2 in slot A: both slots valid from the
