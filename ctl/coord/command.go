@@ -8,9 +8,14 @@ import (
 	"keel/ctl/coordapi"
 )
 
-// CommandVersion is the log entry format version this package writes and
-// reads.
-const CommandVersion = 1
+// CommandVersion is the log entry format version this package writes.
+// It reads this version and every older one (MinCommandVersion on):
+// version 2 added the sync and rejoin operations, which a version 1 entry
+// cannot carry.
+const CommandVersion = 2
+
+// MinCommandVersion is the oldest log entry format DecodeCommand reads.
+const MinCommandVersion = 1
 
 // Op names a command.
 type Op string
@@ -31,6 +36,12 @@ const (
 	OpRebase       Op = "rebase"
 	OpSetMember    Op = "set_member"
 	OpRemoveMember Op = "remove_member"
+	// OpSync is a primary asking for a catch-up or re-mirror slot
+	// (version 2).
+	OpSync Op = "sync"
+	// OpRejoin is a primary reporting that an out-of-sync member holds
+	// every write again (version 2).
+	OpRejoin Op = "rejoin"
 )
 
 // Command is one state change, one raft log entry. Exactly the payload
@@ -49,6 +60,21 @@ type Command struct {
 	Drain        *Drain                        `json:"drain,omitempty"`
 	SetMember    *coordapi.CellMember          `json:"set_member,omitempty"`
 	RemoveMember *coordapi.RemoveRequest       `json:"remove_member,omitempty"`
+	Sync         *Sync                         `json:"sync,omitempty"`
+	Rejoin       *Rejoin                       `json:"rejoin,omitempty"`
+}
+
+// Sync is the sync payload: the API request plus the volume from the path.
+type Sync struct {
+	Volume string `json:"volume"` // ID or name
+	coordapi.SyncRequest
+}
+
+// Rejoin is the rejoin payload: the API request plus the volume from the
+// path.
+type Rejoin struct {
+	Volume string `json:"volume"` // ID or name
+	coordapi.RejoinRequest
 }
 
 // ReplicaLoss is the replica_loss payload: the API request plus the volume
@@ -82,6 +108,8 @@ func (c *Command) payloads() (n int, ok bool) {
 		OpDrain:        c.Drain != nil,
 		OpSetMember:    c.SetMember != nil,
 		OpRemoveMember: c.RemoveMember != nil,
+		OpSync:         c.Sync != nil,
+		OpRejoin:       c.Rejoin != nil,
 	}
 	for _, v := range set {
 		if v {
@@ -113,11 +141,14 @@ func DecodeCommand(b []byte) (Command, error) {
 	if err := coordapi.Decode(b, &c); err != nil {
 		return Command{}, fmt.Errorf("coord: decoding command: %w", err)
 	}
-	if c.Version != CommandVersion {
-		return Command{}, fmt.Errorf("coord: command version %d: this build reads version %d", c.Version, CommandVersion)
+	if c.Version < MinCommandVersion || c.Version > CommandVersion {
+		return Command{}, fmt.Errorf("coord: command version %d: this build reads versions %d to %d", c.Version, MinCommandVersion, CommandVersion)
 	}
 	if _, ok := c.payloads(); !ok {
 		return Command{}, fmt.Errorf("coord: command %q must carry exactly its own payload", c.Op)
+	}
+	if c.Version < 2 && (c.Op == OpSync || c.Op == OpRejoin) {
+		return Command{}, fmt.Errorf("coord: command %q needs version 2, the entry is version %d", c.Op, c.Version)
 	}
 	return c, nil
 }

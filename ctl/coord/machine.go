@@ -25,6 +25,14 @@ const (
 	EventVolumeDeleted  EventKind = "volume_deleted"
 	EventStateChanged   EventKind = "state_changed" // a volume's state changed
 	EventNodeDrain      EventKind = "node_drain"
+	// Recovery (recovery.go).
+	EventSlotGranted        EventKind = "slot_granted"  // Node is the target; Reason the kind
+	EventSlotReleased       EventKind = "slot_released" // Reason says why
+	EventRejoined           EventKind = "rejoined"      // Node is back in the in-sync set
+	EventMemberGone         EventKind = "member_gone"   // Node's replica is given up; its space quarantined
+	EventPlaced             EventKind = "placed"        // Node is a new member to re-mirror to
+	EventModeChanged        EventKind = "mode_changed"  // Reason names the new mode and why
+	EventQuarantineReleased EventKind = "quarantine_released"
 )
 
 // Event is one decision, for logs and metrics. Events are part of the
@@ -69,6 +77,7 @@ type Result struct {
 	Node       *coordapi.Node
 	Assignment *coordapi.Assignment
 	Config     *coordapi.Config
+	Grant      *coordapi.SyncGrant
 	Events     []Event
 }
 
@@ -84,8 +93,10 @@ type Machine struct {
 	volumes    map[coordapi.VolumeID]*volume
 	byName     map[string]coordapi.VolumeID // derived
 	cell       map[string]coordapi.CellMember
+	rec        recovery
 
-	events []Event // collected during one Apply
+	remirrors int     // derived: re-mirror slots held cluster-wide
+	events    []Event // collected during one Apply
 }
 
 type node struct {
@@ -101,9 +112,12 @@ type node struct {
 	Draining    bool            `json:"draining,omitempty"`
 	Registered  time.Time       `json:"registered"`
 
-	allocated int64                          // derived: sum of its replicas' sizes
-	vols      map[coordapi.VolumeID]struct{} // derived: volumes it holds a replica of
-	primaries int                            // derived
+	allocated   int64                          // derived: sum of its replicas' sizes
+	vols        map[coordapi.VolumeID]struct{} // derived: volumes it holds a replica of
+	primaries   int                            // derived
+	quarantined int64                          // derived: sizes of the volumes quarantining it
+	remirrors   int                            // derived: re-mirror slots it sends or receives
+	catchUps    int                            // derived: catch-up slots it sends or receives
 }
 
 type volume struct {
@@ -123,6 +137,15 @@ type volume struct {
 	Since     time.Time            `json:"since"`
 	Created   time.Time            `json:"created"`
 	RequestID string               `json:"request_id,omitempty"`
+	// PrevPrimary is the last node that held the primary role while the
+	// role is vacant (cleared at the next promotion); PrevLost says it lost
+	// the role with its lease rather than by a handover.
+	PrevPrimary coordapi.NodeID `json:"prev_primary,omitempty"`
+	PrevLost    bool            `json:"prev_lost,omitempty"`
+	// Quarantine lists the nodes whose replica of this volume was given up
+	// (declared gone): the volume's size stays held on each, offered to no
+	// placement, until the volume is fully in sync again. Sorted.
+	Quarantine []coordapi.NodeID `json:"quarantine,omitempty"`
 }
 
 type member struct {
@@ -132,6 +155,13 @@ type member struct {
 	DurableSeq    coordapi.Seq    `json:"durable_seq,omitempty"`
 	Health        coordapi.Health `json:"health,omitempty"`
 	HealthReason  string          `json:"health_reason,omitempty"`
+	// Recovery: since when the member is out of sync (zero while in
+	// sync), whether it needs a whole copy, the gone member it replaces,
+	// and the copy slot it holds.
+	OutOfSyncSince time.Time       `json:"out_of_sync_since,omitzero"`
+	FullCopy       bool            `json:"full_copy,omitempty"`
+	Replaces       coordapi.NodeID `json:"replaces,omitempty"`
+	Slot           *slot           `json:"slot,omitempty"`
 }
 
 func (v *volume) member(id coordapi.NodeID) *member {
@@ -155,6 +185,7 @@ func New(cfg coordapi.Config) *Machine {
 		volumes:    map[coordapi.VolumeID]*volume{},
 		byName:     map[string]coordapi.VolumeID{},
 		cell:       map[string]coordapi.CellMember{},
+		rec:        recovery{Mode: coordapi.ModeNormal},
 	}
 }
 
@@ -195,6 +226,10 @@ func (m *Machine) Apply(c Command) Result {
 		r = m.setMember(c.SetMember)
 	case OpRemoveMember:
 		r = m.removeMember(c.RemoveMember)
+	case OpSync:
+		r = m.sync(at, c.Sync)
+	case OpRejoin:
+		r = m.rejoin(at, c.Rejoin)
 	}
 	if r.Err == nil && c.Op != OpRebase {
 		m.now = at
@@ -274,6 +309,7 @@ func (m *Machine) renew(at time.Time, n *node, capacity, free int64, reports []c
 	}
 	var ignored []coordapi.IgnoredReport
 	for _, rep := range reports {
+		ignored = append(ignored, m.syncReports(at, n, rep)...)
 		v := m.volumes[rep.Volume]
 		var mem *member
 		if v != nil {
@@ -344,7 +380,11 @@ func (m *Machine) assignment(v *volume, id coordapi.NodeID) coordapi.Assignment 
 			continue
 		}
 		pn := m.nodes[mem.Node]
-		p := coordapi.Peer{Node: mem.Node, Zone: pn.Zone, PrimaryAddr: pn.PrimaryAddr, ReplAddr: pn.ReplAddr, Role: coordapi.RoleSecondary, InSync: mem.InSync}
+		p := coordapi.Peer{Node: mem.Node, Zone: pn.Zone, PrimaryAddr: pn.PrimaryAddr, ReplAddr: pn.ReplAddr, Role: coordapi.RoleSecondary, InSync: mem.InSync,
+			Live: pn.Up, State: memberState(mem)}
+		if mem.Slot != nil {
+			p.Sync = mem.Slot.Kind
+		}
 		if v.Primary == mem.Node {
 			p.Role = coordapi.RolePrimary
 		}
@@ -363,7 +403,13 @@ func (m *Machine) up(id coordapi.NodeID) bool {
 func (m *Machine) reevaluate(at time.Time, v *volume) {
 	if old := v.Primary; old != "" && !m.up(old) {
 		m.setPrimary(v, "")
+		v.PrevPrimary, v.PrevLost = old, true
 		m.emit(Event{Kind: EventPrimaryLost, Volume: v.ID, Node: old, Epoch: v.Epoch, Reason: "lease expired"})
+	}
+	for _, mem := range v.Members {
+		if mem.Slot != nil && !m.up(mem.Node) {
+			m.releaseSlot(v, mem, "target "+string(mem.Node)+" lease expired")
+		}
 	}
 	if v.Releasing != "" {
 		rel := v.member(v.Releasing)
@@ -374,13 +420,26 @@ func (m *Machine) reevaluate(at time.Time, v *volume) {
 	if v.Primary == "" && v.Releasing == "" {
 		if cand := m.candidate(v); cand != "" {
 			v.Epoch++
+			// The new primary holds no write-intent bitmap for the writes
+			// made before it took the role: members already out of sync
+			// need a whole copy, unless it is the previous primary back.
+			moved := v.PrevPrimary != "" && v.PrevPrimary != cand
+			for _, mem := range v.Members {
+				if !mem.InSync && moved && !mem.FullCopy {
+					mem.FullCopy = true
+				}
+			}
 			for _, mem := range v.Members {
 				if mem.InSync && !m.up(mem.Node) {
-					mem.InSync = false
+					// A former primary that lost its lease may hold writes
+					// nobody acknowledged: no bitmap covers them.
+					full := mem.Node == v.PrevPrimary && v.PrevLost
+					m.markOutOfSync(at, v, mem, full)
 					m.emit(Event{Kind: EventInSyncRemoved, Volume: v.ID, Node: mem.Node, Epoch: v.Epoch, Reason: "lease expired"})
 				}
 			}
 			m.setPrimary(v, cand)
+			v.PrevPrimary, v.PrevLost = "", false
 			m.emit(Event{Kind: EventPromoted, Volume: v.ID, Node: cand, Epoch: v.Epoch})
 		}
 	}
@@ -388,6 +447,14 @@ func (m *Machine) reevaluate(at time.Time, v *volume) {
 }
 
 func (m *Machine) setPrimary(v *volume, id coordapi.NodeID) {
+	if v.Primary != id {
+		// Every slot is the primary's: a new one asks again.
+		for _, mem := range v.Members {
+			if mem.Slot != nil {
+				m.releaseSlot(v, mem, "primary changed")
+			}
+		}
+	}
 	if v.Primary != "" {
 		if n := m.nodes[v.Primary]; n != nil {
 			n.primaries--
@@ -453,11 +520,11 @@ func (m *Machine) computeState(v *volume) (coordapi.VolumeState, string) {
 		case mem.InSync:
 			missing = append(missing, string(mem.Node)+" lease expired")
 		default:
-			missing = append(missing, string(mem.Node)+" out of sync")
+			missing = append(missing, m.recoveryReason(v, mem))
 		}
 	}
 	if len(v.Members) < v.Replicas {
-		missing = append(missing, fmt.Sprintf("%d replica(s) not placed", v.Replicas-len(v.Members)))
+		missing = append(missing, m.unplacedReason(v))
 	}
 	if live < v.Replicas {
 		return coordapi.StateDegraded, fmt.Sprintf("%d of %d replicas live and in sync (%s)", live, v.Replicas, strings.Join(missing, "; "))
@@ -502,6 +569,7 @@ func (m *Machine) tick(at time.Time) Result {
 	for _, id := range sortedKeys(affected) {
 		m.reevaluate(at, m.volumes[id])
 	}
+	m.recover(at)
 	return Result{}
 }
 
@@ -556,8 +624,8 @@ func (m *Machine) replicaLoss(at time.Time, req *ReplicaLoss) Result {
 		return fail(coordapi.CodeNotPrimary, "node %s is not the primary of %s at epoch %d (the primary is %q)", req.Node, v.ID, v.Epoch, v.Primary)
 	}
 	// A primary's node is always up: reevaluate clears the role on expiry.
-	lost.InSync = false
 	v.Epoch++
+	m.markOutOfSync(at, v, lost, false)
 	m.emit(Event{Kind: EventInSyncRemoved, Volume: v.ID, Node: lost.Node, Epoch: v.Epoch, Reason: "reported by primary " + string(req.Node) + reasonSuffix(req.Reason)})
 	m.updateState(at, v)
 	a := m.assignment(v, req.Node)
@@ -578,7 +646,13 @@ func (m *Machine) reserve(n *node) int64 {
 
 // usable is the space n can give before touching its reserve.
 func (m *Machine) usable(n *node) int64 {
-	return min(n.Capacity-n.allocated, n.Free) - m.reserve(n)
+	return m.room(n) - m.reserve(n)
+}
+
+// room is the space n can give a re-mirror, reserve included: what is
+// neither allocated nor quarantined, bounded by what it reports free.
+func (m *Machine) room(n *node) int64 {
+	return min(n.Capacity-n.allocated-n.quarantined, n.Free)
 }
 
 func (m *Machine) createVolume(at time.Time, req *coordapi.CreateVolumeRequest) Result {
@@ -694,7 +768,11 @@ func (m *Machine) deleteVolume(at time.Time, ref *VolumeRef) Result {
 	}
 	out := m.volumeView(v)
 	m.setPrimary(v, "")
+	m.releaseQuarantine(v)
 	for _, mem := range v.Members {
+		if mem.Slot != nil {
+			m.releaseSlot(v, mem, "volume deleted")
+		}
 		n := m.nodes[mem.Node]
 		delete(n.vols, v.ID)
 		n.allocated -= v.Size
@@ -743,8 +821,10 @@ func (m *Machine) drain(at time.Time, d *Drain) Result {
 		m.setPrimary(v, "")
 		v.Releasing = n.ID
 		m.emit(Event{Kind: EventHandover, Volume: v.ID, Node: n.ID, Epoch: v.Epoch, Reason: "drain"})
+		v.PrevPrimary, v.PrevLost = n.ID, false
 		m.reevaluate(at, v)
 	}
+	m.drainOutOfSync(at, n)
 	out := m.nodeView(n)
 	return Result{Node: &out}
 }

@@ -3,14 +3,17 @@ package coord
 import (
 	"encoding/json"
 	"fmt"
+	"slices"
 	"time"
 
 	"keel/ctl/coordapi"
 )
 
-// SnapshotVersion is the snapshot format version this package writes and
-// reads (see the package doc).
-const SnapshotVersion = 1
+// SnapshotVersion is the snapshot format version this package writes (see
+// the package doc). RestoreSnapshot also reads version 1, which predates
+// recovery: its out-of-sync members are taken as out of sync since the
+// snapshot's time, needing a catch-up.
+const SnapshotVersion = 2
 
 type snapshot struct {
 	Version    int                   `json:"version"`
@@ -21,6 +24,7 @@ type snapshot struct {
 	Cell       []coordapi.CellMember `json:"cell"`
 	Nodes      []*node               `json:"nodes"`
 	Volumes    []*volume             `json:"volumes"`
+	Recovery   *recovery             `json:"recovery,omitempty"` // version 2
 }
 
 // MarshalSnapshot encodes the whole state. Equal states encode to equal
@@ -35,6 +39,7 @@ func (m *Machine) MarshalSnapshot() ([]byte, error) {
 		Cell:       m.Cell(),
 		Nodes:      []*node{},
 		Volumes:    []*volume{},
+		Recovery:   &m.rec,
 	}
 	for _, id := range sortedKeys(m.nodes) {
 		s.Nodes = append(s.Nodes, m.nodes[id])
@@ -53,8 +58,8 @@ func RestoreSnapshot(b []byte) (*Machine, error) {
 	if err := coordapi.Decode(b, &s); err != nil {
 		return nil, fmt.Errorf("coord: decoding snapshot: %w", err)
 	}
-	if s.Version != SnapshotVersion {
-		return nil, fmt.Errorf("coord: snapshot version %d: this build reads version %d", s.Version, SnapshotVersion)
+	if s.Version < 1 || s.Version > SnapshotVersion {
+		return nil, fmt.Errorf("coord: snapshot version %d: this build reads versions 1 to %d", s.Version, SnapshotVersion)
 	}
 	if err := s.Config.Validate(); err != nil {
 		return nil, fmt.Errorf("coord: snapshot config: %w", err)
@@ -63,6 +68,19 @@ func RestoreSnapshot(b []byte) (*Machine, error) {
 	m.now = s.Now
 	m.configured = s.Configured
 	m.nextVolume = s.NextVolume
+	if s.Recovery != nil {
+		m.rec = *s.Recovery
+	}
+	switch m.rec.Mode {
+	case "":
+		m.rec.Mode = coordapi.ModeNormal
+	case coordapi.ModeNormal, coordapi.ModeMassFailure:
+	default:
+		return nil, fmt.Errorf("coord: snapshot: unknown cluster mode %q", m.rec.Mode)
+	}
+	if !slices.IsSortedFunc(m.rec.Losses, func(a, b time.Time) int { return a.Compare(b) }) {
+		return nil, fmt.Errorf("coord: snapshot: loss times not in order")
+	}
 	for _, c := range s.Cell {
 		m.cell[c.ID] = c
 	}
@@ -71,7 +89,7 @@ func RestoreSnapshot(b []byte) (*Machine, error) {
 			return nil, fmt.Errorf("coord: snapshot: bad or duplicate node")
 		}
 		n.vols = map[coordapi.VolumeID]struct{}{}
-		n.allocated, n.primaries = 0, 0
+		n.allocated, n.primaries, n.quarantined, n.remirrors, n.catchUps = 0, 0, 0, 0, 0
 		m.nodes[n.ID] = n
 	}
 	for _, v := range s.Volumes {
@@ -95,6 +113,26 @@ func RestoreSnapshot(b []byte) (*Machine, error) {
 			}
 			n.vols[v.ID] = struct{}{}
 			n.allocated += v.Size
+			if !mem.InSync && mem.OutOfSyncSince.IsZero() {
+				mem.OutOfSyncSince = s.Now // version 1: from now
+			}
+		}
+		for _, mem := range v.Members {
+			sl := mem.Slot
+			if sl == nil {
+				continue
+			}
+			if sl.Kind != coordapi.SyncCatchUp && sl.Kind != coordapi.SyncRemirror || m.nodes[sl.Source] == nil {
+				return nil, fmt.Errorf("coord: snapshot: volume %s: bad slot on %s", v.ID, mem.Node)
+			}
+			m.countSlot(mem, 1)
+		}
+		for _, q := range v.Quarantine {
+			n := m.nodes[q]
+			if n == nil {
+				return nil, fmt.Errorf("coord: snapshot: volume %s: quarantined node %s is not a node", v.ID, q)
+			}
+			n.quarantined += v.Size
 		}
 		if v.Primary != "" {
 			n := m.nodes[v.Primary]

@@ -69,16 +69,27 @@ func (m *Machine) volumeView(v *volume) coordapi.Volume {
 	}
 	for _, mem := range v.Members {
 		n := m.nodes[mem.Node]
-		out.Members = append(out.Members, coordapi.Member{
-			Node:          mem.Node,
-			Zone:          n.Zone,
-			InSync:        mem.InSync,
-			Live:          n.Up,
-			ReportedEpoch: mem.ReportedEpoch,
-			DurableSeq:    mem.DurableSeq,
-			Health:        mem.Health,
-			HealthReason:  mem.HealthReason,
-		})
+		om := coordapi.Member{
+			Node:           mem.Node,
+			Zone:           n.Zone,
+			InSync:         mem.InSync,
+			Live:           n.Up,
+			ReportedEpoch:  mem.ReportedEpoch,
+			DurableSeq:     mem.DurableSeq,
+			Health:         mem.Health,
+			HealthReason:   mem.HealthReason,
+			State:          memberState(mem),
+			OutOfSyncSince: mem.OutOfSyncSince,
+			FullCopy:       mem.FullCopy,
+		}
+		if sl := mem.Slot; sl != nil {
+			p := &coordapi.SyncProgress{Kind: sl.Kind, Done: sl.Done, Total: sl.Total, Rate: sl.Rate, Started: sl.Granted, Updated: sl.Renewed}
+			if sl.Rate > 0 {
+				p.ETA = coordapi.Duration(time.Duration(float64(max(sl.Total-sl.Done, 0)) / float64(sl.Rate) * float64(time.Second)))
+			}
+			om.Sync = p
+		}
+		out.Members = append(out.Members, om)
 	}
 	return out
 }
@@ -106,15 +117,27 @@ func (m *Machine) nodeView(n *node) coordapi.Node {
 	if n.Up {
 		st = coordapi.NodeUp
 	}
+	reserve := m.reserve(n)
+	used := max(0, n.allocated+n.quarantined-(n.Capacity-reserve))
+	var alarm string
+	switch {
+	case used > 0:
+		alarm = fmt.Sprintf("re-mirrors use %s of the %s reserve", coordapi.FormatBytes(used), coordapi.FormatBytes(reserve))
+	case n.Free < reserve:
+		alarm = fmt.Sprintf("free space %s is below the %s reserve", coordapi.FormatBytes(n.Free), coordapi.FormatBytes(reserve))
+	}
 	return coordapi.Node{
-		ID:          n.ID,
+		ReserveUsed:  used,
+		ReserveAlarm: alarm,
+		Quarantined:  n.quarantined,
+		ID:           n.ID,
 		Zone:        n.Zone,
 		PrimaryAddr: n.PrimaryAddr,
 		ReplAddr:    n.ReplAddr,
 		Capacity:    n.Capacity,
 		Free:        n.Free,
 		Allocated:   n.allocated,
-		Reserve:     m.reserve(n),
+		Reserve:     reserve,
 		Available:   max(m.usable(n), 0),
 		State:       st,
 		Since:       n.Since,
@@ -170,6 +193,10 @@ func (m *Machine) CheckInvariants() error {
 	alloc := map[coordapi.NodeID]int64{}
 	prim := map[coordapi.NodeID]int{}
 	vols := map[coordapi.NodeID]int{}
+	quar := map[coordapi.NodeID]int64{}
+	remir := map[coordapi.NodeID]int{}
+	catch := map[coordapi.NodeID]int{}
+	remirrors := 0
 	for _, id := range sortedKeys(m.volumes) {
 		v := m.volumes[id]
 		if v.ID != id {
@@ -199,6 +226,28 @@ func (m *Machine) CheckInvariants() error {
 			vols[mem.Node]++
 			if mem.InSync {
 				inSync++
+				if mem.Slot != nil || !mem.OutOfSyncSince.IsZero() || mem.FullCopy {
+					return fmt.Errorf("volume %s: in-sync member %s carries recovery state", id, mem.Node)
+				}
+			}
+			if sl := mem.Slot; sl != nil {
+				if sl.Source != v.Primary || v.Primary == "" {
+					return fmt.Errorf("volume %s: slot of %s from %s, primary is %q", id, mem.Node, sl.Source, v.Primary)
+				}
+				if !n.Up {
+					return fmt.Errorf("volume %s: slot held by %s without a lease", id, mem.Node)
+				}
+				if sl.Kind == coordapi.SyncRemirror {
+					remirrors++
+					remir[mem.Node]++
+					remir[sl.Source]++
+				} else {
+					catch[mem.Node]++
+					catch[sl.Source]++
+				}
+			}
+			if slices.Contains(v.Quarantine, mem.Node) {
+				return fmt.Errorf("volume %s: node %s is a member and quarantined", id, mem.Node)
 			}
 		}
 		if inSync == 0 {
@@ -217,6 +266,15 @@ func (m *Machine) CheckInvariants() error {
 			}
 			prim[v.Primary]++
 		}
+		if !slices.IsSorted(v.Quarantine) || len(slices.Compact(slices.Clone(v.Quarantine))) != len(v.Quarantine) {
+			return fmt.Errorf("volume %s: quarantine list %v not sorted and unique", id, v.Quarantine)
+		}
+		for _, q := range v.Quarantine {
+			if m.nodes[q] == nil {
+				return fmt.Errorf("volume %s: quarantined node %s is not a node", id, q)
+			}
+			quar[q] += v.Size
+		}
 		if st, _ := m.computeState(v); st != v.State {
 			return fmt.Errorf("volume %s: state %s, computed %s", id, v.State, st)
 		}
@@ -227,9 +285,71 @@ func (m *Machine) CheckInvariants() error {
 			return fmt.Errorf("node %s: derived allocated=%d primaries=%d vols=%d, recomputed %d %d %d",
 				id, n.allocated, n.primaries, len(n.vols), alloc[id], prim[id], vols[id])
 		}
+		if n.quarantined != quar[id] || n.remirrors != remir[id] || n.catchUps != catch[id] {
+			return fmt.Errorf("node %s: derived quarantined=%d remirrors=%d catch-ups=%d, recomputed %d %d %d",
+				id, n.quarantined, n.remirrors, n.catchUps, quar[id], remir[id], catch[id])
+		}
+	}
+	if m.remirrors != remirrors {
+		return fmt.Errorf("derived re-mirrors %d, recomputed %d", m.remirrors, remirrors)
 	}
 	if len(m.byName) != len(m.volumes) {
 		return fmt.Errorf("%d names indexed for %d volumes", len(m.byName), len(m.volumes))
 	}
 	return nil
+}
+
+// Cluster is the storm control's view (GET /v1/cluster).
+func (m *Machine) Cluster() coordapi.Cluster {
+	r := m.rc()
+	out := coordapi.Cluster{
+		Mode:           m.rec.Mode,
+		ModeSince:      m.rec.ModeSince,
+		ModeReason:     m.rec.ModeReason,
+		Remirrors:      m.remirrors,
+		Volumes:        len(m.volumes),
+		ByState:        map[coordapi.VolumeState]int{coordapi.StateOK: 0, coordapi.StateDegraded: 0, coordapi.StateImpaired: 0, coordapi.StateFenced: 0},
+		Recovery:       r,
+		SlotsGranted:   m.rec.SlotsGranted,
+		SlotsRefused:   m.rec.SlotsRefused,
+		Rejoins:        m.rec.Rejoins,
+		Placed:         m.rec.Placed,
+		Gone:           m.rec.Gone,
+		CopiedCatchUp:  m.rec.CopiedCatchUp,
+		CopiedRemirror: m.rec.CopiedRemirror,
+		MembersByState: map[coordapi.MemberState]int{},
+	}
+	if out.Mode == "" {
+		out.Mode = coordapi.ModeNormal
+	}
+	w := r.MassFailureWindow.D()
+	for _, t := range m.rec.Losses {
+		if t.After(m.now.Add(-w)) {
+			out.RecentLoss++
+		}
+	}
+	if out.Mode == coordapi.ModeMassFailure {
+		out.Alarms = append(out.Alarms, fmt.Sprintf("mass-failure mode since %s: %s", out.ModeSince.UTC().Format(time.RFC3339), out.ModeReason))
+	}
+	for _, id := range m.volumeIDsInOrder() {
+		v := m.volumes[id]
+		out.ByState[v.State]++
+		for _, mem := range v.Members {
+			out.MembersByState[memberState(mem)]++
+			if mem.Slot != nil && mem.Slot.Kind == coordapi.SyncCatchUp {
+				out.CatchUps++
+			}
+		}
+		if len(v.Members) < v.Replicas && out.Mode == coordapi.ModeNormal {
+			out.Alarms = append(out.Alarms, fmt.Sprintf("%s (%s): %s", v.ID, v.Name, m.unplacedReason(v)))
+		}
+	}
+	for _, id := range sortedKeys(m.nodes) {
+		n := m.nodeView(m.nodes[id])
+		out.Quarantined += n.Quarantined
+		if n.ReserveAlarm != "" {
+			out.Alarms = append(out.Alarms, fmt.Sprintf("node %s: %s", n.ID, n.ReserveAlarm))
+		}
+	}
+	return out
 }

@@ -244,4 +244,11 @@ type Cluster struct {
 	SlotsRefused int64 `json:"slots_refused"`
 	Rejoins      int64 `json:"rejoins"`
 	Placed       int64 `json:"placed"` // replacement members placed
+	Gone         int64 `json:"gone"`   // members given up
+	// Bytes copied by finished catch-ups and re-mirrors (as their rejoins
+	// reported).
+	CopiedCatchUp  int64 `json:"copied_catch_up"`
+	CopiedRemirror int64 `json:"copied_remirror"`
+	// MembersByState counts every volume's members by recovery state.
+	MembersByState map[MemberState]int `json:"members_by_state,omitempty"`
 }
