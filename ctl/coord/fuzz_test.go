@@ -37,6 +37,12 @@ func commandSeeds() [][]byte {
 		{Op: coord.OpDeleteVolume, At: base, DeleteVolume: &coord.VolumeRef{Volume: "v"}},
 		{Op: coord.OpConfigure, At: base, Configure: &coordapi.Config{Lease: coordapi.DefaultConfig().Lease, ReserveFraction: 0.5}},
 		{Op: coord.OpSetMember, At: base, SetMember: &coordapi.CellMember{ID: "c1", RaftAddr: "h:3", APIURL: "http://h:4"}},
+		{Op: coord.OpSync, At: base, Sync: &coord.Sync{Volume: "vol-1", SyncRequest: coordapi.SyncRequest{Node: "n1", Epoch: 2, Target: "n2"}}},
+		{Op: coord.OpRejoin, At: base, Rejoin: &coord.Rejoin{Volume: "vol-1", RejoinRequest: coordapi.RejoinRequest{Node: "n1", Epoch: 2, Target: "n2", Kind: coordapi.SyncCatchUp, Copied: 1 << 20}}},
+		{Op: coord.OpRejoin, At: base, Rejoin: &coord.Rejoin{Volume: "v", RejoinRequest: coordapi.RejoinRequest{Node: "n1", Epoch: 1, Target: "n2", Kind: coordapi.SyncRemirror}}},
+		{Op: coord.OpHeartbeat, At: base, Heartbeat: &coordapi.HeartbeatRequest{Node: "n1", Capacity: 1 << 40, Free: 1 << 30,
+			Replicas: []coordapi.ReplicaReport{{Volume: "vol-1", Epoch: 2, Syncs: []coordapi.SyncReport{{Target: "n2", Kind: coordapi.SyncCatchUp, Done: 1, Total: 2, Rate: 3}}}}}},
+		{Op: coord.OpConfigure, At: base, Configure: &coordapi.Config{Lease: coordapi.DefaultConfig().Lease, ReserveFraction: 0.2, Recovery: coordapi.DefaultRecovery()}},
 	} {
 		b, err := coord.EncodeCommand(c)
 		if err != nil {
@@ -44,6 +50,9 @@ func commandSeeds() [][]byte {
 		}
 		out = append(out, b)
 	}
+	out = append(out, []byte(`{"v":1,"op":"sync","sync":{"volume":"vol-1","node":"n1","epoch":2,"target":"n2"}}`),
+		[]byte(`{"v":2,"op":"sync","sync":{"volume":"vol-1","node":"n1","epoch":2,"target":"n2"}}`),
+		[]byte(`{"v":2,"op":"rejoin","rejoin":{"volume":"vol-1","node":"n1","epoch":2,"target":"n2","kind":"catch_up","copied":-1}}`))
 	return append(out, []byte(`{"v":1,"op":"tick"}`), []byte(`{"v":2,"op":"tick"}`), []byte(`{"v":1,"op":"drain"}`), []byte(`null`))
 }
 
@@ -88,6 +97,7 @@ func FuzzRestoreSnapshot(f *testing.F) {
 	m := seedMachine(f)
 	b, _ := m.MarshalSnapshot()
 	f.Add(b)
+	f.Add(recoverySnapshot(f))
 	f.Add([]byte(`{"version":1}`))
 	f.Add([]byte(`{"version":9,"nodes":[]}`))
 	f.Fuzz(func(t *testing.T, data []byte) {
@@ -115,4 +125,22 @@ func FuzzRestoreSnapshot(f *testing.F) {
 			t.Fatalf("tick after restore: %v", err)
 		}
 	})
+}
+
+// recoverySnapshot is seedMachine after a loss and a granted slot.
+func recoverySnapshot(t testing.TB) []byte {
+	m := seedMachine(t)
+	for _, c := range []coord.Command{
+		{Op: coord.OpReplicaLoss, At: base, ReplicaLoss: &coord.ReplicaLoss{Volume: "vol-1", ReplicaLossRequest: coordapi.ReplicaLossRequest{Node: "n1", Epoch: 1, Lost: "n2"}}},
+		{Op: coord.OpSync, At: base, Sync: &coord.Sync{Volume: "vol-1", SyncRequest: coordapi.SyncRequest{Node: "n1", Epoch: 2, Target: "n2"}}},
+	} {
+		if r := m.Apply(c); r.Err != nil {
+			t.Fatal(r.Err)
+		}
+	}
+	b, err := m.MarshalSnapshot()
+	if err != nil {
+		t.Fatal(err)
+	}
+	return b
 }

@@ -255,6 +255,17 @@ func (d *driver) run(tc tcase) string {
 		if v, ok := d.arg("reserve"); ok {
 			cfg.ReserveFraction = mustFloat(d, v)
 		}
+		rc := &cfg.Recovery
+		for k, p := range map[string]*coordapi.Duration{"grace": &rc.Grace, "slot_retry": &rc.SlotRetry, "slot_ttl": &rc.SlotTTL, "mf_window": &rc.MassFailureWindow, "mf_grace": &rc.MassFailureGrace} {
+			if v, ok := d.arg(k); ok {
+				*p = coordapi.Duration(mustDur(d, v))
+			}
+		}
+		for k, p := range map[string]*int{"max_remirrors": &rc.MaxRemirrors, "per_node": &rc.MaxRemirrorsPerNode, "catch_ups": &rc.MaxCatchUpsPerNode, "mf_losses": &rc.MassFailureLosses} {
+			if _, ok := d.arg(k); ok {
+				*p = d.int(k, 0)
+			}
+		}
 		r := d.apply(coord.Command{Op: coord.OpConfigure, At: at, Configure: &cfg})
 		return d.result(r)
 	case "register":
@@ -298,6 +309,24 @@ func (d *driver) run(tc tcase) string {
 			}
 			req.Replicas = append(req.Replicas, rep)
 		}
+		for _, r := range d.all("sync") {
+			// vol:target:kind:done:total:rate, sizes in MiB
+			parts := strings.Split(r, ":")
+			if len(parts) != 6 {
+				d.fatalf("sync=%s: want vol:target:kind:doneMiB:totalMiB:rateMiB", r)
+			}
+			num := func(s string) int64 { n, _ := strconv.ParseInt(s, 10, 64); return n << 20 }
+			found := false
+			for i := range req.Replicas {
+				if string(req.Replicas[i].Volume) == parts[0] {
+					req.Replicas[i].Syncs = append(req.Replicas[i].Syncs, coordapi.SyncReport{Target: coordapi.NodeID(parts[1]), Kind: coordapi.SyncKind(parts[2]), Done: num(parts[3]), Total: num(parts[4]), Rate: num(parts[5])})
+					found = true
+				}
+			}
+			if !found {
+				d.fatalf("sync=%s: no report= for the volume", r)
+			}
+		}
 		return d.result(d.apply(coord.Command{Op: coord.OpHeartbeat, At: at, Heartbeat: &req}))
 	case "create":
 		req := coordapi.CreateVolumeRequest{
@@ -319,6 +348,39 @@ func (d *driver) run(tc tcase) string {
 			Node: coordapi.NodeID(d.need("node")), Epoch: coordapi.Epoch(e), Lost: coordapi.NodeID(d.need("lost")), Reason: d.str("reason", ""),
 		}}
 		return d.result(d.apply(coord.Command{Op: coord.OpReplicaLoss, At: at, ReplicaLoss: &req}))
+	case "sync":
+		e, _ := strconv.ParseUint(d.need("epoch"), 10, 64)
+		req := coord.Sync{Volume: d.need("vol"), SyncRequest: coordapi.SyncRequest{Node: coordapi.NodeID(d.need("node")), Epoch: coordapi.Epoch(e), Target: coordapi.NodeID(d.need("target"))}}
+		return d.result(d.apply(coord.Command{Op: coord.OpSync, At: at, Sync: &req}))
+	case "rejoin":
+		e, _ := strconv.ParseUint(d.need("epoch"), 10, 64)
+		req := coord.Rejoin{Volume: d.need("vol"), RejoinRequest: coordapi.RejoinRequest{Node: coordapi.NodeID(d.need("node")), Epoch: coordapi.Epoch(e), Target: coordapi.NodeID(d.need("target")),
+			Kind: coordapi.SyncKind(d.str("kind", "catch_up")), Copied: d.size("copied", "0")}}
+		return d.result(d.apply(coord.Command{Op: coord.OpRejoin, At: at, Rejoin: &req}))
+	case "members":
+		v, ok := d.m.Volume(d.need("vol"))
+		if !ok {
+			return "no such volume"
+		}
+		var b strings.Builder
+		for _, m := range v.Members {
+			fmt.Fprintf(&b, "%s %s live=%v since=%s full=%v", m.Node, m.State, m.Live, rel(m.OutOfSyncSince), m.FullCopy)
+			if p := m.Sync; p != nil {
+				fmt.Fprintf(&b, " sync=%s %d/%dMiB rate=%dMiB/s eta=%s", p.Kind, p.Done>>20, p.Total>>20, p.Rate>>20, p.ETA)
+			}
+			b.WriteString("\n")
+		}
+		return b.String()
+	case "cluster":
+		c := d.m.Cluster()
+		var b strings.Builder
+		fmt.Fprintf(&b, "mode=%s since=%s recent_losses=%d remirrors=%d catch_ups=%d quarantined=%s granted=%d refused=%d rejoins=%d placed=%d gone=%d\n",
+			c.Mode, rel(c.ModeSince), c.RecentLoss, c.Remirrors, c.CatchUps, gib(c.Quarantined), c.SlotsGranted, c.SlotsRefused, c.Rejoins, c.Placed, c.Gone)
+		fmt.Fprintf(&b, "volumes: ok=%d degraded=%d impaired=%d fenced=%d\n", c.ByState[coordapi.StateOK], c.ByState[coordapi.StateDegraded], c.ByState[coordapi.StateImpaired], c.ByState[coordapi.StateFenced])
+		for _, a := range c.Alarms {
+			b.WriteString("alarm: " + a + "\n")
+		}
+		return b.String()
 	case "drain":
 		_, undo := d.arg("undo")
 		return d.result(d.apply(coord.Command{Op: coord.OpDrain, At: at, Drain: &coord.Drain{Node: coordapi.NodeID(d.need("node")), Undo: undo}}))
@@ -339,6 +401,15 @@ func (d *driver) run(tc tcase) string {
 			drain := ""
 			if n.Draining {
 				drain = " draining"
+			}
+			if n.Quarantined != 0 {
+				drain += " quarantined=" + gib(n.Quarantined)
+			}
+			if n.ReserveUsed != 0 {
+				drain += " reserve_used=" + gib(n.ReserveUsed)
+			}
+			if n.ReserveAlarm != "" {
+				drain += " alarm=(" + n.ReserveAlarm + ")"
 			}
 			fmt.Fprintf(&b, "%s zone=%s %s since=%s lease=%s cap=%s alloc=%s reserve=%s avail=%s primaries=%d replicas=%d%s\n",
 				n.ID, zoneOf(n.Zone), n.State, rel(n.Since), rel(n.LeaseExpiry), gib(n.Capacity), gib(n.Allocated), gib(n.Reserve), gib(n.Available), n.Primaries, n.Replicas, drain)
@@ -414,6 +485,13 @@ func (d *driver) result(r coord.Result) string {
 	if a := r.Assignment; a != nil {
 		b.WriteString(fmtAssignments([]coordapi.Assignment{*a}))
 	}
+	if g := r.Grant; g != nil {
+		if g.Granted {
+			fmt.Fprintf(&b, "grant: %s\n", g.Kind)
+		} else {
+			fmt.Fprintf(&b, "wait %s (%s): %s\n", g.RetryAfter, g.Kind, g.Reason)
+		}
+	}
 	if c := r.Config; c != nil {
 		fmt.Fprintf(&b, "config: lease=%s drift=%v margin=%s interval=%s reserve=%v\n", c.Lease.Duration, c.Lease.MaxDrift, c.Lease.Margin, c.Lease.Interval, c.ReserveFraction)
 	}
@@ -446,6 +524,12 @@ func fmtAssignments(as []coordapi.Assignment) string {
 			s := "out"
 			if p.InSync {
 				s = "in"
+			}
+			if !p.InSync {
+				s += "," + string(p.State)
+				if !p.Live {
+					s += ",down"
+				}
 			}
 			peers = append(peers, fmt.Sprintf("%s(%s,%s)", p.Node, p.Role, s))
 		}
