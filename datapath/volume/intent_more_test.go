@@ -318,6 +318,7 @@ func BenchmarkMarkDirtyMarked(b *testing.B) {
 		b.Fatal(err)
 	}
 	b.ReportAllocs()
+	b.ResetTimer()
 	b.RunParallel(func(pb *testing.PB) {
 		off := int64(0)
 		for pb.Next() {
