@@ -553,7 +553,7 @@ func (m *Machine) recoveryReason(v *volume, mem *member) string {
 		if sl.Kind == coordapi.SyncRemirror {
 			verb = "re-mirroring"
 		}
-		prog := "no progress reported yet"
+		prog := "(no progress reported yet)"
 		if sl.Total > 0 {
 			prog = fmt.Sprintf("%s of %s", coordapi.FormatBytes(sl.Done), coordapi.FormatBytes(sl.Total))
 			if sl.Rate > 0 {
@@ -562,9 +562,9 @@ func (m *Machine) recoveryReason(v *volume, mem *member) string {
 			}
 		}
 		if mem.Replaces != "" {
-			return fmt.Sprintf("%s gone: re-mirroring to %s, %s", mem.Replaces, mem.Node, prog)
+			return fmt.Sprintf("%s gone: re-mirroring to %s %s", mem.Replaces, mem.Node, prog)
 		}
-		return fmt.Sprintf("%s %s, %s", mem.Node, verb, prog)
+		return fmt.Sprintf("%s %s %s", mem.Node, verb, prog)
 	}
 	switch {
 	case n.Draining:

@@ -17,6 +17,9 @@
 //	POST   /v1/nodes/register            heartbeat     RegisterRequest       HeartbeatResponse
 //	POST   /v1/nodes/heartbeat           heartbeat     HeartbeatRequest      HeartbeatResponse
 //	POST   /v1/volumes/{vol}/replica-loss heartbeat    ReplicaLossRequest    Assignment
+//	POST   /v1/volumes/{vol}/sync        heartbeat     SyncRequest           SyncGrant
+//	POST   /v1/volumes/{vol}/rejoin      heartbeat     RejoinRequest         Assignment
+//	GET    /v1/cluster                   read          -                     Cluster
 //	GET    /v1/nodes                     read          -                     NodeList
 //	POST   /v1/nodes/{node}/drain        node-admin    DrainRequest          Node
 //	GET    /v1/volumes[?impaired=1]      read          -                     VolumeList

@@ -92,18 +92,29 @@ func DefaultRecovery() RecoveryConfig {
 	}
 }
 
-// Validate checks every field; the message names the field, the range
-// and the flag-free fix.
+// FieldError is a configuration value out of range: Field is its JSON
+// name, Value the value given, Range what it must be. Callers that set the
+// field from a flag map Field to the flag's name.
+type FieldError struct {
+	Field string
+	Value string
+	Range string
+}
+
+func (e *FieldError) Error() string { return e.Field + " " + e.Value + ": " + e.Range }
+
+// Validate checks every field; the error (a *FieldError) names the field,
+// the value and the range.
 func (r RecoveryConfig) Validate() error {
 	dur := func(name string, d Duration, lo, hi time.Duration) error {
 		if time.Duration(d) < lo || time.Duration(d) > hi {
-			return fmt.Errorf("%s %s: must be between %s and %s", name, time.Duration(d), lo, hi)
+			return &FieldError{Field: name, Value: time.Duration(d).String(), Range: fmt.Sprintf("must be between %s and %s", lo, hi)}
 		}
 		return nil
 	}
 	num := func(name string, n, lo, hi int) error {
 		if n < lo || n > hi {
-			return fmt.Errorf("%s %d: must be between %d and %d", name, n, lo, hi)
+			return &FieldError{Field: name, Value: fmt.Sprint(n), Range: fmt.Sprintf("must be between %d and %d", lo, hi)}
 		}
 		return nil
 	}
@@ -123,7 +134,7 @@ func (r RecoveryConfig) Validate() error {
 		}
 	}
 	if r.MaxRemirrorsPerNode > r.MaxRemirrors {
-		return fmt.Errorf("max_remirrors_per_node %d: must not exceed max_remirrors %d", r.MaxRemirrorsPerNode, r.MaxRemirrors)
+		return &FieldError{Field: "max_remirrors_per_node", Value: fmt.Sprint(r.MaxRemirrorsPerNode), Range: fmt.Sprintf("must not exceed max_remirrors %d", r.MaxRemirrors)}
 	}
 	return nil
 }

@@ -41,6 +41,10 @@ func (s *Server) routes() http.Handler {
 	mux.Handle("POST /v1/nodes/register", s.handle(hb, "register", s.register))
 	mux.Handle("POST /v1/nodes/heartbeat", s.handle(hb, "heartbeat", s.heartbeat))
 	mux.Handle("POST /v1/volumes/{vol}/replica-loss", s.handle(hb, "replica_loss", s.replicaLoss))
+	// Recovery is heartbeat class: reads and administration never starve it.
+	mux.Handle("POST /v1/volumes/{vol}/sync", s.handle(hb, "sync", s.sync))
+	mux.Handle("POST /v1/volumes/{vol}/rejoin", s.handle(hb, "rejoin", s.rejoin))
+	mux.Handle("GET /v1/cluster", s.handle(rd, "cluster", s.cluster))
 	mux.Handle("GET /v1/nodes", s.handle(rd, "list_nodes", s.listNodes))
 	mux.Handle("POST /v1/nodes/{node}/drain", s.handle(na, "drain", s.drain))
 	mux.Handle("GET /v1/volumes", s.handle(rd, "list_volumes", s.listVolumes))
@@ -338,6 +342,36 @@ func (s *Server) replicaLoss(c *call) (int, any, *coordapi.Error) {
 		return 0, nil, e
 	}
 	return http.StatusOK, res.Assignment, nil
+}
+
+func (s *Server) sync(c *call) (int, any, *coordapi.Error) {
+	var req coordapi.SyncRequest
+	if e := c.decodeValid(&req); e != nil {
+		return 0, nil, e
+	}
+	res, e := c.propose(coord.Command{Op: coord.OpSync, Sync: &coord.Sync{Volume: c.r.PathValue("vol"), SyncRequest: req}})
+	if e != nil {
+		return 0, nil, e
+	}
+	return http.StatusOK, res.Grant, nil
+}
+
+func (s *Server) rejoin(c *call) (int, any, *coordapi.Error) {
+	var req coordapi.RejoinRequest
+	if e := c.decodeValid(&req); e != nil {
+		return 0, nil, e
+	}
+	res, e := c.propose(coord.Command{Op: coord.OpRejoin, Rejoin: &coord.Rejoin{Volume: c.r.PathValue("vol"), RejoinRequest: req}})
+	if e != nil {
+		return 0, nil, e
+	}
+	return http.StatusOK, res.Assignment, nil
+}
+
+func (s *Server) cluster(c *call) (int, any, *coordapi.Error) {
+	var out coordapi.Cluster
+	s.fsm.read(func(m *coord.Machine) { out = m.Cluster() })
+	return http.StatusOK, out, nil
 }
 
 func (s *Server) listNodes(c *call) (int, any, *coordapi.Error) {

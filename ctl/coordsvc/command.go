@@ -32,8 +32,19 @@ each volume's primary, replicated with raft. A member with no state and no
 pointing at any existing member and are added as voters. A member restarted
 with its --data-dir rejoins on its own (keep --id and --raft-addr).
 
-The lease and reserve flags set the cell's configuration once, when its
-first leader finds none in the replicated state.`,
+The lease, reserve and recovery flags set the cell's configuration once,
+when its first leader finds none in the replicated state (later, change it
+with PUT /v1/config).
+
+Recovery: a replica out of sync is caught up from the primary's
+write-intent bitmap when its node returns within --recovery-grace;
+otherwise it is given up and the volume re-mirrored to a new node (which
+may use the reserve). Copies run only with a slot from the coordinator:
+--max-remirrors cluster-wide and --max-remirrors-per-node per node, and
+--max-catch-ups-per-node. When --mass-failure-losses replicas are lost
+within --mass-failure-window, the cell stops placing replicas and waits
+for the previous ones (mass-failure mode) until the losses subside or
+--mass-failure-grace passes.`,
 		Example: `  # one member
   keel coord --id c1 --data-dir data/c1
   # three members on one machine
@@ -62,8 +73,8 @@ first leader finds none in the replicated state.`,
 					return fmt.Errorf("--join %q: give a member's API URL, e.g. --join http://127.0.0.1:7400", j)
 				}
 			}
-			if err := cell.Validate(); err != nil {
-				return fmt.Errorf("cell configuration flags: %w", err)
+			if err := validateCellFlags(cell); err != nil {
+				return err
 			}
 			var level slog.Level
 			if err := level.UnmarshalText([]byte(logLevel)); err != nil {
@@ -102,6 +113,49 @@ func leaseFlags(cmd *cobra.Command, cell *coordapi.Config) {
 	f.Var((*durFlag)(&cell.Lease.Margin), "lease-margin", "safety margin a node subtracts from its lease")
 	f.Float64Var(&cell.Lease.MaxDrift, "max-clock-drift", cell.Lease.MaxDrift, "bound on any clock's rate error, as a fraction (0.01 = 1%)")
 	f.Float64Var(&cell.ReserveFraction, "reserve", cell.ReserveFraction, "fraction of each node's capacity kept for re-mirroring; creation is refused before it")
+	r := &cell.Recovery
+	f.Var((*durFlag)(&r.Grace), "recovery-grace", "how long an out-of-sync replica may stay away before it is given up and re-mirrored elsewhere")
+	f.IntVar(&r.MaxRemirrors, "max-remirrors", r.MaxRemirrors, "re-mirrors running at once, cluster-wide")
+	f.IntVar(&r.MaxRemirrorsPerNode, "max-remirrors-per-node", r.MaxRemirrorsPerNode, "re-mirrors one node sends or receives at once")
+	f.IntVar(&r.MaxCatchUpsPerNode, "max-catch-ups-per-node", r.MaxCatchUpsPerNode, "catch-ups one node sends or receives at once")
+	f.Var((*durFlag)(&r.SlotRetry), "slot-retry", "base wait a refused slot request is told (nodes add backoff and jitter)")
+	f.Var((*durFlag)(&r.SlotTTL), "slot-ttl", "a slot whose copy reports no progress for this long is released")
+	f.IntVar(&r.MassFailureLosses, "mass-failure-losses", r.MassFailureLosses, "replicas lost within --mass-failure-window that enter mass-failure mode")
+	f.Var((*durFlag)(&r.MassFailureWindow), "mass-failure-window", "window over which replica losses are counted")
+	f.Var((*durFlag)(&r.MassFailureGrace), "mass-failure-grace", "longest stay in mass-failure mode")
+}
+
+// recoveryFlags names, for each recovery field, the flag that sets it and
+// its default (the fix a refusal suggests).
+func recoveryFlags() map[string][2]string {
+	d := coordapi.DefaultRecovery()
+	return map[string][2]string{
+		"grace":                  {"--recovery-grace", d.Grace.D().String()},
+		"max_remirrors":          {"--max-remirrors", fmt.Sprint(d.MaxRemirrors)},
+		"max_remirrors_per_node": {"--max-remirrors-per-node", fmt.Sprint(d.MaxRemirrorsPerNode)},
+		"max_catch_ups_per_node": {"--max-catch-ups-per-node", fmt.Sprint(d.MaxCatchUpsPerNode)},
+		"slot_retry":             {"--slot-retry", d.SlotRetry.D().String()},
+		"slot_ttl":               {"--slot-ttl", d.SlotTTL.D().String()},
+		"mass_failure_losses":    {"--mass-failure-losses", fmt.Sprint(d.MassFailureLosses)},
+		"mass_failure_window":    {"--mass-failure-window", d.MassFailureWindow.D().String()},
+		"mass_failure_grace":     {"--mass-failure-grace", d.MassFailureGrace.D().String()},
+	}
+}
+
+// validateCellFlags checks the cell configuration the flags built; a bad
+// recovery value is reported by its flag, with the range and the default.
+func validateCellFlags(cell coordapi.Config) error {
+	err := cell.Validate()
+	if err == nil {
+		return nil
+	}
+	var fe *coordapi.FieldError
+	if errors.As(err, &fe) {
+		if f, ok := recoveryFlags()[fe.Field]; ok {
+			return fmt.Errorf("%s %s: %s; give a value in that range, or leave the flag out for the default (%s %s)", f[0], fe.Value, fe.Range, f[0], f[1])
+		}
+	}
+	return fmt.Errorf("cell configuration flags: %w", err)
 }
 
 // durFlag is a pflag.Value over coordapi.Duration.

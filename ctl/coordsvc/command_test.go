@@ -28,6 +28,16 @@ func TestCoordCommandBadFlags(t *testing.T) {
 		{[]string{"--id", "c1", "--data-dir", "d", "--lease", "10s", "--heartbeat-interval", "9s"}, "at most a third"},
 		{[]string{"--id", "c1", "--data-dir", "d", "--reserve", "1.5"}, "reserve_fraction"},
 		{[]string{"--id", "c1", "--data-dir", "d", "--log-level", "loud"}, "--log-level"},
+		{[]string{"--id", "c1", "--data-dir", "d", "--recovery-grace", "0s"}, "--recovery-grace 0s: must be between 1s and 168h0m0s; give a value in that range, or leave the flag out for the default (--recovery-grace 5m0s)"},
+		{[]string{"--id", "c1", "--data-dir", "d", "--max-remirrors", "0"}, "--max-remirrors 0: must be between 1 and 10000"},
+		{[]string{"--id", "c1", "--data-dir", "d", "--max-remirrors", "2", "--max-remirrors-per-node", "3"}, "--max-remirrors-per-node 3: must not exceed max_remirrors 2"},
+		{[]string{"--id", "c1", "--data-dir", "d", "--max-catch-ups-per-node", "0"}, "--max-catch-ups-per-node 0"},
+		{[]string{"--id", "c1", "--data-dir", "d", "--slot-retry", "1ms"}, "--slot-retry 1ms: must be between 10ms and 10m0s"},
+		{[]string{"--id", "c1", "--data-dir", "d", "--slot-ttl", "2h"}, "--slot-ttl 2h0m0s"},
+		{[]string{"--id", "c1", "--data-dir", "d", "--mass-failure-losses", "0"}, "--mass-failure-losses 0"},
+		{[]string{"--id", "c1", "--data-dir", "d", "--mass-failure-window", "0s"}, "--mass-failure-window 0s"},
+		{[]string{"--id", "c1", "--data-dir", "d", "--mass-failure-grace", "8000h"}, "--mass-failure-grace 8000h0m0s"},
+		{[]string{"--id", "c1", "--data-dir", "d", "--recovery-grace", "soon"}, "want a duration"},
 	} {
 		cmd := CoordCommand()
 		var out bytes.Buffer

@@ -35,6 +35,16 @@
 //
 //	raft.db          raft-boltdb: the raft log and stable store
 //	snapshots/       raft file snapshots (coord snapshot format, JSON)
+//
+// # Recovery
+//
+// The leader ticks whenever the machine says something is due
+// (coord.Machine.NextDue): a lease expiry, a slot's TTL, the end of an
+// out-of-sync member's grace, the end of mass-failure mode, a placement
+// retry. Slot requests and rejoins are heartbeat class, so that listings
+// and administration never delay recovery. Every member logs mode changes
+// (warn), members given up and replacements placed (info) as it applies
+// them, and exports the storm control's state as metrics (metrics.go).
 package coordsvc
 
 import (
@@ -191,7 +201,10 @@ func New(cfg Config) (*Server, error) {
 	// its flags: the flags reach the state only through the configure
 	// command the first leader commits, so all members apply every entry
 	// with the same configuration.
-	s.fsm = newFSM(coordapi.DefaultConfig(), log, s.metrics.observeApply)
+	s.fsm = newFSM(coordapi.DefaultConfig(), log, func(op coord.Op, r coord.Result) {
+		s.metrics.observeApply(op, r)
+		logRecovery(log, r)
+	})
 
 	var err error
 	if s.ln, err = net.Listen("tcp", cfg.Listen); err != nil {
@@ -401,8 +414,8 @@ func (s *Server) leaderTerm(ctx context.Context) {
 		var due bool
 		now := s.clock.Now()
 		s.fsm.read(func(m *coord.Machine) {
-			exp, ok := m.NextExpiry()
-			due = ok && !now.Before(exp)
+			at, ok := m.NextDue() // a lease expiry, or recovery's next step
+			due = ok && !now.Before(at)
 		})
 		if !due {
 			continue
