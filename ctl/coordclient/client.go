@@ -9,6 +9,12 @@
 //
 // # Retries
 //
+// Sync and Rejoin are safe to retry: a repeated slot request for a held
+// slot is granted again, a repeated rejoin answers the current assignment.
+// A refused slot (Granted false) is an answer, not an error: the caller
+// waits Agent.SyncRetryWait (the grant's retry time raised by SlotBackoff)
+// before asking again.
+//
 // A call is retried when the outcome says trying again may help: a
 // transport error, 502/503/504, or an API error whose code is retryable
 // (overloaded, not_leader, timeout, internal). The wait before attempt n+1
@@ -223,11 +229,7 @@ func (c *Client) do(ctx context.Context, method, path string, in, out any, o cal
 		if ctx.Err() != nil || !retryable(err) || a == attempts-1 {
 			break
 		}
-		wait := c.cfg.Backoff.Wait(a, c.cfg.Rand)
-		if retryAfter > 0 {
-			ra := min(retryAfter, c.cfg.MaxRetryAfter)
-			wait = max(wait, ra+time.Duration(c.cfg.Rand()*float64(ra/4)))
-		}
+		wait := c.cfg.Backoff.After(a, min(retryAfter, c.cfg.MaxRetryAfter), c.cfg.Rand)
 		c.log.Debug("coordinator call failed; retrying", "method", method, "path", path, "url", c.urls[i].String(), "attempt", a+1, "wait", wait, "err", err)
 		t := time.NewTimer(wait)
 		select {
