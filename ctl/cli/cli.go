@@ -1,6 +1,7 @@
 // Package cli owns keel's operator commands against the coordinator:
-// `keel volume create|list|status|delete` and `keel node list|drain`. The
-// keel binary attaches them; `keel node` itself (the storage daemon) is the
+// `keel volume create|list|status|delete`, `keel node list|drain` and
+// `keel cluster status` (recovery: mode, copy slots, alarms, reserve per
+// node). The keel binary attaches them; `keel node` itself (the storage daemon) is the
 // node package's, which adds NodeAdminCommands under it. (`keel coord`,
 // which runs a cell member, is ctl/coordsvc's CoordCommand: this package
 // may not import that one.)

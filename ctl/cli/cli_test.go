@@ -148,3 +148,70 @@ func TestUnreachableCoordinator(t *testing.T) {
 		t.Fatalf("got %v", err)
 	}
 }
+
+// Recovery shows in volume status (member states, copy progress), cluster
+// status and node list.
+func TestRecoveryStatus(t *testing.T) {
+	url := startCell(t)
+	c, err := coordclient.New(coordclient.Config{URLs: []string{url}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	defer cancel()
+	v, err := c.CreateVolume(ctx, coordapi.CreateVolumeRequest{Name: "data", Size: 1 << 30, Replicas: 2})
+	if err != nil {
+		t.Fatal(err)
+	}
+	var other coordapi.NodeID
+	for _, m := range v.Members {
+		if m.Node != v.Primary {
+			other = m.Node
+		}
+	}
+	a, err := c.ReplicaLoss(ctx, "data", coordapi.ReplicaLossRequest{Node: v.Primary, Epoch: v.Epoch, Lost: other})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if g, err := c.Sync(ctx, "data", coordapi.SyncRequest{Node: v.Primary, Epoch: a.Epoch, Target: other}); err != nil || !g.Granted {
+		t.Fatalf("sync: %+v %v", g, err)
+	}
+	if _, err := c.Heartbeat(ctx, coordapi.HeartbeatRequest{Node: v.Primary, Capacity: 100 << 30, Free: 100 << 30, Replicas: []coordapi.ReplicaReport{{Volume: v.ID, Epoch: a.Epoch,
+		Syncs: []coordapi.SyncReport{{Target: other, Kind: coordapi.SyncCatchUp, Done: 12 << 20, Total: 40 << 20, Rate: 5 << 20}}}}}); err != nil {
+		t.Fatal(err)
+	}
+	out, err := run(t, VolumeCommand(), "status", "data", "--coord", url)
+	if err != nil || !strings.Contains(out, "MEMBERS") || !strings.Contains(out, string(other)+"[catching_up 12MiB/40MiB 30% ETA 6s]") || !strings.Contains(out, "degraded") ||
+		!strings.Contains(out, "catching up 12MiB of 40MiB, 5MiB/s, ETA 6s") {
+		t.Fatalf("volume status: %q %v", out, err)
+	}
+	t.Logf("keel volume status:\n%s", out)
+	out, err = run(t, ClusterCommand(), "status", "--coord", url)
+	if err != nil || !strings.Contains(out, "mode:        normal") || !strings.Contains(out, "catch-ups 1 (4 per node)") ||
+		!strings.Contains(out, "degraded 1") || !regexp.MustCompile(`n1\s+up\s+100GiB\s+1GiB\s+0B\s+20GiB\s+0B`).MatchString(out) {
+		t.Fatalf("cluster status: %q %v", out, err)
+	}
+	t.Logf("keel cluster status:\n%s", out)
+	out, err = run(t, ClusterCommand(), "status", "-o", "json", "--coord", url)
+	var cs ClusterStatus
+	if err != nil || json.Unmarshal([]byte(out), &cs) != nil || cs.Cluster.CatchUps != 1 || len(cs.Nodes) != 2 {
+		t.Fatalf("cluster status json: %q %v", out, err)
+	}
+	out, err = run(t, nodeCmd(), "list", "--coord", url)
+	if err != nil || !strings.Contains(out, "QUARANTINED") || !strings.Contains(out, "RESERVE-USED") || !strings.Contains(out, "ALARM") {
+		t.Fatalf("node list: %q %v", out, err)
+	}
+}
+
+func TestMembersColumn(t *testing.T) {
+	v := coordapi.Volume{Members: []coordapi.Member{
+		{Node: "n1", InSync: true, Live: true, State: coordapi.MemberInSync},
+		{Node: "n2", Live: false, State: coordapi.MemberOutOfSync},
+		{Node: "n3", Live: true, State: coordapi.MemberRemirror, Sync: &coordapi.SyncProgress{Kind: coordapi.SyncRemirror, Done: 1 << 30, Total: 4 << 30, ETA: coordapi.Duration(90 * time.Second)}},
+		{Node: "n4", InSync: true, Live: false},
+	}}
+	want := "n1,n2[out_of_sync down],n3[remirroring 1GiB/4GiB 25% ETA 1m30s],n4[in_sync down]"
+	if got := members(v); got != want {
+		t.Fatalf("members: %q, want %q", got, want)
+	}
+}

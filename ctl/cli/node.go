@@ -20,7 +20,7 @@ func nodeList() *cobra.Command {
 	var o opts
 	cmd := &cobra.Command{
 		Use:   "list",
-		Short: "list storage nodes: lease state, space, reserve, draining",
+		Short: "list storage nodes: lease state, space, quarantine, reserve and its alarm, draining",
 		Args:  cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			c, ctx, cancel, err := o.client(cmd)
@@ -37,10 +37,11 @@ func nodeList() *cobra.Command {
 			}
 			now := time.Now()
 			w := table(cmd.OutOrStdout())
-			fmt.Fprintln(w, "ID\tZONE\tSTATE\tSINCE\tDRAINING\tCAPACITY\tALLOCATED\tRESERVE\tAVAILABLE\tPRIMARIES\tREPLICAS\tADDRESS")
+			fmt.Fprintln(w, "ID\tZONE\tSTATE\tSINCE\tDRAINING\tCAPACITY\tALLOCATED\tQUARANTINED\tRESERVE\tRESERVE-USED\tAVAILABLE\tPRIMARIES\tREPLICAS\tADDRESS\tALARM")
 			for _, n := range nodes {
-				fmt.Fprintf(w, "%s\t%s\t%s\t%s\t%v\t%s\t%s\t%s\t%s\t%d\t%d\t%s\n", n.ID, orDash(n.Zone), n.State, since(n.Since, now), n.Draining,
-					coordapi.FormatBytes(n.Capacity), coordapi.FormatBytes(n.Allocated), coordapi.FormatBytes(n.Reserve), coordapi.FormatBytes(n.Available), n.Primaries, n.Replicas, n.PrimaryAddr)
+				fmt.Fprintf(w, "%s\t%s\t%s\t%s\t%v\t%s\t%s\t%s\t%s\t%s\t%s\t%d\t%d\t%s\t%s\n", n.ID, orDash(n.Zone), n.State, since(n.Since, now), n.Draining,
+					coordapi.FormatBytes(n.Capacity), coordapi.FormatBytes(n.Allocated), coordapi.FormatBytes(n.Quarantined), coordapi.FormatBytes(n.Reserve),
+					coordapi.FormatBytes(n.ReserveUsed), coordapi.FormatBytes(n.Available), n.Primaries, n.Replicas, n.PrimaryAddr, orDash(n.ReserveAlarm))
 			}
 			return w.Flush()
 		},

@@ -3,6 +3,7 @@ package cli
 import (
 	"errors"
 	"fmt"
+	"strings"
 	"time"
 
 	"github.com/spf13/cobra"
@@ -120,6 +121,18 @@ with the reason and since when, its epoch, primary and in-sync replicas.
             the primary reports requests not completing
   fenced    write authority withdrawn on purpose (primary handover)
 
+MEMBERS lists the replicas: an in-sync one by its node ID, any other with
+its place in recovery and the copy's progress, e.g.
+n2[catching_up 12MiB/40MiB 30% ETA 6s]:
+
+  out_of_sync     left the in-sync set; waits for its node, or for a slot
+  catching_up     copying only the regions written since (write-intent bitmap)
+  needs_remirror  needs a whole copy (new member, or former primary); no slot yet
+  remirroring     copying the whole volume
+
+The reason says what recovery is doing (and, in mass-failure mode, that the
+cell waits for previous replicas rather than placing new ones).
+
 --impaired lists only the impaired volumes of the whole cluster.`,
 		RunE: func(cmd *cobra.Command, args []string) error {
 			if impaired && len(args) > 0 {
@@ -164,11 +177,45 @@ with the reason and since when, its epoch, primary and in-sync replicas.
 
 func printStatus(cmd *cobra.Command, vols []coordapi.Volume, now time.Time) {
 	w := table(cmd.OutOrStdout())
-	fmt.Fprintln(w, "NAME\tID\tSTATE\tSINCE\tEPOCH\tPRIMARY\tIN-SYNC\tREASON")
+	fmt.Fprintln(w, "NAME\tID\tSTATE\tSINCE\tEPOCH\tPRIMARY\tMEMBERS\tREASON")
 	for _, v := range vols {
-		fmt.Fprintf(w, "%s\t%s\t%s\t%s\t%d\t%s\t%s\t%s\n", v.Name, v.ID, v.State, since(v.Since, now), v.Epoch, orDash(string(v.Primary)), joinIDs(v.InSync()), v.Reason)
+		fmt.Fprintf(w, "%s\t%s\t%s\t%s\t%d\t%s\t%s\t%s\n", v.Name, v.ID, v.State, since(v.Since, now), v.Epoch, orDash(string(v.Primary)), members(v), v.Reason)
 	}
 	w.Flush()
+}
+
+// members lists a volume's members: an in-sync one by its ID, any other
+// with its recovery state and copy progress in brackets, e.g.
+// n1,n2[catching_up 12MiB/40MiB 30% ETA 6s],n3[out_of_sync down].
+func members(v coordapi.Volume) string {
+	out := make([]string, 0, len(v.Members))
+	for _, m := range v.Members {
+		if m.InSync && m.Live {
+			out = append(out, string(m.Node))
+			continue
+		}
+		st := string(m.State)
+		if st == "" { // an older coordinator
+			st = "out_of_sync"
+			if m.InSync {
+				st = "in_sync"
+			}
+		}
+		if p := m.Sync; p != nil && p.Total > 0 {
+			st += fmt.Sprintf(" %s/%s %d%%", coordapi.FormatBytes(p.Done), coordapi.FormatBytes(p.Total), p.Done*100/p.Total)
+			if p.ETA > 0 {
+				st += " ETA " + p.ETA.D().Round(time.Second).String()
+			}
+		}
+		if !m.Live {
+			st += " down"
+		}
+		out = append(out, string(m.Node)+"["+st+"]")
+	}
+	if len(out) == 0 {
+		return "-"
+	}
+	return strings.Join(out, ",")
 }
 
 func volumeDelete(o *opts) *cobra.Command {
