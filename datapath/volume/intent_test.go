@@ -269,7 +269,8 @@ func (d *crashDev) setOther(b []byte) {
 // the replicas are resynchronised and the bitmap cleared. After each crash
 // every region whose data differs from the other replica's must be marked
 // dirty, whether the volume reopens read-only or read-write (which
-// repairs).
+// repairs). Crashes while an open converts the bitmap to another region
+// size are checked too (shown as negative write numbers).
 func TestIntentCrash(t *testing.T) {
 	seed := testSeed(t)
 	rng := rand.New(rand.NewPCG(seed, 7))
@@ -344,10 +345,28 @@ func TestIntentCrash(t *testing.T) {
 		}
 		// And a power failure at the very end.
 		dev.mu.Lock()
-		dev.snaps = append(dev.snaps, crashSnap{dev.Mem.Crash(), dev.other, dev.ops + 1})
+		final := crashSnap{dev.Mem.Crash(), dev.other, dev.ops + 1}
+		dev.snaps = append(dev.snaps, final)
 		snaps := dev.snaps
 		dev.mu.Unlock()
 		v.Close()
+
+		// Power fails while reopening converts the bitmap to another
+		// region size: during the superblock write (1), the bitmap area
+		// write (2), or after (3).
+		for _, conv := range []int64{region * 4, region / 4} {
+			for at := 1; at <= 3 && conv >= 4096; at++ {
+				cd := &crashDev{Mem: final.mem.Crash(), at: func(op int) bool { return op == at }, other: final.other}
+				cv, err := volume.OpenDevice(cd, volume.Options{RegionSize: conv, Logger: discard})
+				if err != nil {
+					t.Fatal(err)
+				}
+				cv.Close()
+				for _, s := range cd.snaps {
+					snaps = append(snaps, crashSnap{s.mem, s.other, -at})
+				}
+			}
+		}
 
 		for i, s := range snaps {
 			for _, ro := range []bool{true, false} {
