@@ -45,7 +45,12 @@
 // the records with the kernel's NBD_CMD_STATUS and the process table, so a
 // dead supervisor or a device detached behind keel's back shows as such.
 // The supervisor is the only writer of its record (detach removes it after
-// stopping the supervisor).
+// stopping the supervisor). For a device attached with --coord, --list
+// also asks the coordinator (all devices within CoordTimeout together) for
+// the volume's state (ok, degraded, impaired, fenced) and reason, so an
+// impaired volume shows on the host; a coordinator that does not answer
+// in time is reported as such, and a device attached with --addr shows
+// that it has no coordinator to ask.
 //
 // # Processes
 //

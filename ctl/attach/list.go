@@ -12,6 +12,8 @@ import (
 	"text/tabwriter"
 	"time"
 
+	"keel/ctl/coordapi"
+	"keel/ctl/coordclient"
 	"keel/netpath/nbdkernel"
 )
 
@@ -24,6 +26,53 @@ type Entry struct {
 	// KernelConfigured is the kernel's NBD_CMD_STATUS "connected" bit;
 	// nil when the kernel could not be asked.
 	KernelConfigured *bool `json:"kernel_configured,omitempty"`
+	// The volume as its coordinator sees it (devices attached with
+	// --coord): state (ok, degraded, impaired, fenced) and reason; or
+	// CoordError when the coordinator did not answer in time.
+	VolumeState  coordapi.VolumeState `json:"volume_state,omitempty"`
+	VolumeReason string               `json:"volume_reason,omitempty"`
+	CoordError   string               `json:"coord_error,omitempty"`
+}
+
+// CoordTimeout bounds how long `keel attach --list` waits for the
+// coordinators of all listed devices together.
+const CoordTimeout = 3 * time.Second
+
+// volumeGetter reads a volume from the coordinator at coord (one URL or
+// several separated by commas).
+type volumeGetter func(ctx context.Context, coord, volume string) (*coordapi.Volume, error)
+
+// getVolume asks the coordinator once per member URL, no retries beyond:
+// the caller's context bounds it.
+func getVolume(ctx context.Context, coord, volume string) (*coordapi.Volume, error) {
+	var urls []string
+	for _, u := range strings.Split(coord, ",") {
+		if u = strings.TrimSpace(u); u != "" {
+			urls = append(urls, u)
+		}
+	}
+	c, err := coordclient.New(coordclient.Config{URLs: urls, Attempts: len(urls), AttemptTimeout: CoordTimeout})
+	if err != nil {
+		return nil, err
+	}
+	return c.Volume(ctx, volume)
+}
+
+// addCoordState fills in each coordinator-attached entry's volume state,
+// all within ctx (bounded by the caller).
+func addCoordState(ctx context.Context, es []Entry, get volumeGetter) {
+	for i := range es {
+		e := &es[i]
+		if e.Coord == "" || e.Volume == "" {
+			continue
+		}
+		v, err := get(ctx, e.Coord, e.Volume)
+		if err != nil {
+			e.CoordError = fmt.Sprintf("coordinator %s not reachable: %v", e.Coord, err)
+			continue
+		}
+		e.VolumeState, e.VolumeReason = v.State, v.Reason
+	}
 }
 
 // entries merges the state files of dir with the kernel's device list
@@ -96,6 +145,9 @@ func list(ctx context.Context, w io.Writer, dir, output string) error {
 		}
 	}
 	es, errs := entries(dir, status, "/sys/block")
+	cctx, cancel := context.WithTimeout(ctx, CoordTimeout)
+	addCoordState(cctx, es, getVolume)
+	cancel()
 	if output == "json" {
 		if es == nil {
 			es = []Entry{}
@@ -116,7 +168,7 @@ func list(ctx context.Context, w io.Writer, dir, output string) error {
 
 func writeTable(w io.Writer, es []Entry) {
 	tw := tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)
-	fmt.Fprintln(tw, "DEVICE\tSTATE\tSINCE\tSERVER\tEXPORT\tVOLUME\tNODE\tEPOCH\tCONNS\tSIZE\tWHY")
+	fmt.Fprintln(tw, "DEVICE\tSTATE\tSINCE\tSERVER\tEXPORT\tVOLUME\tNODE\tEPOCH\tCONNS\tSIZE\tVOLUME-STATE\tWHY")
 	for _, e := range es {
 		dash := func(s string) string {
 			if s == "" {
@@ -136,8 +188,28 @@ func writeTable(w io.Writer, es []Entry) {
 		if e.Connections > 0 {
 			conns = fmt.Sprintf("%d/%d", e.Live, e.Connections)
 		}
-		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n",
-			e.Device, e.Phase, since, dash(e.Addr), dash(e.Export), dash(e.Volume), dash(e.Node), epoch, conns, humanBytes(e.Size), dash(e.Why))
+		vs, why := "-", e.Why
+		switch {
+		case e.VolumeState != "":
+			vs = string(e.VolumeState)
+			if e.VolumeState != coordapi.StateOK {
+				why = joinWhy(why, "coordinator: "+e.VolumeReason)
+			}
+		case e.CoordError != "":
+			vs = "unknown"
+			why = joinWhy(why, e.CoordError)
+		case e.Coord == "" && e.Volume == "" && e.Addr != "":
+			vs = "no-coord" // attached with --addr: no coordinator to ask
+		}
+		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n",
+			e.Device, e.Phase, since, dash(e.Addr), dash(e.Export), dash(e.Volume), dash(e.Node), epoch, conns, humanBytes(e.Size), vs, dash(why))
 	}
 	tw.Flush()
+}
+
+func joinWhy(a, b string) string {
+	if a == "" {
+		return b
+	}
+	return a + "; " + b
 }
