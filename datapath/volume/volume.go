@@ -119,8 +119,10 @@ type Options struct {
 	// 0 means: for a new volume layout.DefaultRegionSize (1 MiB), raised
 	// as far as a large volume needs; for an existing one, what it has.
 	// A different value for an existing volume converts its bitmap when
-	// it opens (a new region is dirty if any old one it overlaps was). A
-	// value too small for the volume is refused.
+	// it opens (a new region is dirty if any old one it overlaps was;
+	// read-only, in memory only). A value too small for the volume (the
+	// bitmap tracks at most layout.RegionCapacity regions) is refused
+	// with a message naming the smallest that fits.
 	RegionSize int64
 	// AIO is how Open and Create issue aligned reads and writes on the
 	// file or device (dio.File.EnableAIO). dio.AIODefault takes the
