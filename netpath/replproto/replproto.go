@@ -32,7 +32,9 @@
 //	magic     uint32  0x4c45454b: the bytes "KEEL" on the wire
 //	ver       uint8   protocol version, Version (1)
 //	typ       uint8   frame type (Type)
-//	flags     uint16  FlagFUA, FlagNoHole; other bits must be zero
+//	flags     uint16  FlagFUA, FlagNoHole, FlagDegraded, FlagSync (data and
+//	                  range types; HELLO: FlagSplit, FlagReplies); other bits
+//	                  must be zero
 //	volume    uint64  the coordinator's numeric volume id (0: none)
 //	epoch     uint64  requests: the sender's epoch for the volume;
 //	                  ACK/NACK: the replica's highest epoch for the volume
@@ -69,15 +71,43 @@
 // is an error-queue one, so the primary must never read the socket it sends
 // zero-copy on.)
 //
+// Flags by type (a combination outside this table is a framing error):
+//
+//	                 FUA  NO_HOLE  DEGRADED  SYNC  SPLIT  REPLIES
+//	WRITE            yes    -        yes     yes     -      -
+//	TRIM             yes    -        yes     yes     -      -
+//	ZEROES           yes   yes       yes     yes     -      -
+//	HELLO             -     -         -       -     yes    yes   (not both)
+//	types 32, 33     yes    -         -       -      -      -
+//	others            -     -         -       -      -      -
+//
+// and DEGRADED never with SYNC, nor FUA with SYNC.
+//
+//	FUA       the data is on stable storage before the ACK
+//	NO_HOLE   ZEROES must allocate, not punch a hole
+//	DEGRADED  a live write sent while a member of the volume is out of sync:
+//	          the replica records the range in its write-intent bitmap
+//	          before applying it (DESIGN invariant 6), so that whichever
+//	          in-sync replica is promoted later knows what the out-of-sync
+//	          one may lack. A live write without it tells the replica the
+//	          volume is fully in sync again: it clears its bitmap.
+//	SYNC      a catch-up or re-mirror copy frame: the primary's data of a
+//	          range read from its replica (WRITE), or a range that is all
+//	          zeroes there (ZEROES), sent to a member being brought back in
+//	          sync; counted apart from live writes, never FUA (the copy ends
+//	          with a FLUSH)
+//
 // Offsets plus lengths must not overflow a uint64. Sizes: a header is 64
 // bytes, so a 4 KiB write costs 1.6% framing.
 //
 // # Extending
 //
-// Types 32–47 belong to catch-up and re-mirror (issue 6). TypeCatchupWrite
-// and TypeRemirrorWrite are defined here as write-like data frames so that a
-// decoder already frames them; a replica that does not implement them
-// answers NACK ReasonUnsupported without losing the stream. Any other
+// Catch-up and re-mirror travel as WRITE and ZEROES frames with FlagSync,
+// so that the replica applies them through the same ordering as live
+// writes (a copy and a live write of one range are applied in stream
+// order). Types 32–47 stay reserved: TypeCatchupWrite and TypeRemirrorWrite
+// are framed like WRITE so that a decoder can skip them, and a replica
+// answers them NACK ReasonUnsupported without losing the stream. Any other
 // unknown type is a framing error, because its payload length is unknown.
 package replproto
 
@@ -118,7 +148,8 @@ const (
 	TypeZeroes Type = 18 // range in offset/length; FlagFUA, FlagNoHole allowed
 	TypeFlush  Type = 19 // volume-wide: covers every write acknowledged before it
 
-	// Reserved for catch-up and re-mirror (issue 6): framed like WRITE.
+	// Reserved (framed like WRITE, answered ReasonUnsupported): catch-up
+	// and re-mirror use WRITE and ZEROES with FlagSync.
 	TypeCatchupWrite  Type = 32
 	TypeRemirrorWrite Type = 33
 )
@@ -178,6 +209,12 @@ const (
 	// FlagReplies (HELLO): this connection carries the replies of the split
 	// stream id volume.
 	FlagReplies Flags = 1 << 3
+	// FlagDegraded (WRITE, TRIM, ZEROES): a live write sent while a member
+	// of the volume is out of sync: the replica marks the range in its
+	// write-intent bitmap before applying it.
+	FlagDegraded Flags = 1 << 4
+	// FlagSync (WRITE, TRIM, ZEROES): a catch-up or re-mirror copy frame.
+	FlagSync Flags = 1 << 5
 )
 
 // allowedFlags returns the flags a frame of type t may carry.
@@ -186,11 +223,19 @@ func allowedFlags(t Type) Flags {
 	case t == TypeHello:
 		return FlagSplit | FlagReplies
 	case t == TypeZeroes:
-		return FlagFUA | FlagNoHole
+		return FlagFUA | FlagNoHole | FlagDegraded | FlagSync
+	case t == TypeWrite || t == TypeTrim:
+		return FlagFUA | FlagDegraded | FlagSync
 	case t.HasRange():
 		return FlagFUA
 	}
 	return 0
+}
+
+// badCombination reports flags that are each allowed but not together.
+func badCombination(f Flags) bool {
+	return f&(FlagSplit|FlagReplies) == FlagSplit|FlagReplies ||
+		f&FlagSync != 0 && f&(FlagDegraded|FlagFUA) != 0
 }
 
 // Reason is the code of a NACK: why the replica refused or failed a frame.
@@ -290,7 +335,7 @@ func (h *Header) Validate() error {
 	if !t.Known() {
 		return fmt.Errorf("%w: %d", ErrUnknownType, uint8(t))
 	}
-	if h.Flags&^allowedFlags(t) != 0 || h.Flags&(FlagSplit|FlagReplies) == FlagSplit|FlagReplies {
+	if h.Flags&^allowedFlags(t) != 0 || badCombination(h.Flags) {
 		return fmt.Errorf("%w: %s with flags %#x", ErrBadFlags, t, uint16(h.Flags))
 	}
 	if t == TypeHello && (h.Flags&(FlagSplit|FlagReplies) != 0) != (h.Volume != 0) {

@@ -27,6 +27,11 @@ var validHeaders = []Header{
 	{Type: TypeTrim, Flags: FlagFUA, Volume: 1, Epoch: 2, Seq: 5, Offset: 1 << 40, Length: math.MaxUint32},
 	{Type: TypeZeroes, Flags: FlagFUA | FlagNoHole, Volume: 1, Epoch: 2, Seq: 6, Offset: 512, Length: 512},
 	{Type: TypeFlush, Volume: 1, Epoch: 2, Seq: 7},
+	{Type: TypeWrite, Flags: FlagDegraded | FlagFUA, Volume: 1, Epoch: 2, Seq: 10, Offset: 8192, Length: 4096, PayloadCRC: 4},
+	{Type: TypeTrim, Flags: FlagDegraded, Volume: 1, Epoch: 2, Seq: 11, Offset: 8192, Length: 4096},
+	{Type: TypeZeroes, Flags: FlagDegraded | FlagNoHole, Volume: 1, Epoch: 2, Seq: 12, Offset: 0, Length: 1 << 20},
+	{Type: TypeWrite, Flags: FlagSync, Volume: 1, Epoch: 2, Seq: 13, Offset: 1 << 20, Length: 1 << 20, PayloadCRC: 5},
+	{Type: TypeZeroes, Flags: FlagSync | FlagNoHole, Volume: 1, Epoch: 2, Seq: 14, Offset: 2 << 20, Length: 1 << 20},
 	{Type: TypeCatchupWrite, Volume: 1, Epoch: 2, Seq: 8, Offset: 0, Length: 1 << 20, PayloadCRC: 2},
 	{Type: TypeRemirrorWrite, Volume: 1, Epoch: 2, Seq: 9, Offset: 1 << 20, Length: 1 << 20, PayloadCRC: 3},
 }
@@ -116,6 +121,14 @@ func TestDecodeErrors(t *testing.T) {
 		{"split without id", enc(Header{Type: TypeHello, Flags: FlagSplit}), ErrBadField},
 		{"id without split", enc(Header{Type: TypeHello, Volume: 5}), ErrBadField},
 		{"split flag on write", with(func(h *Header) { h.Flags = FlagSplit }), ErrBadFlags},
+		{"degraded and sync", with(func(h *Header) { h.Flags = FlagDegraded | FlagSync }), ErrBadFlags},
+		{"fua on a sync copy", with(func(h *Header) { h.Flags = FlagSync | FlagFUA }), ErrBadFlags},
+		{"degraded on flush", enc(Header{Type: TypeFlush, Seq: 1, Flags: FlagDegraded}), ErrBadFlags},
+		{"sync on flush", enc(Header{Type: TypeFlush, Seq: 1, Flags: FlagSync}), ErrBadFlags},
+		{"degraded on hello", enc(Header{Type: TypeHello, Flags: FlagDegraded}), ErrBadFlags},
+		{"sync on a reserved type", enc(Header{Type: TypeCatchupWrite, Seq: 1, Flags: FlagSync}), ErrBadFlags},
+		{"nohole on a sync write", with(func(h *Header) { h.Flags = FlagSync | FlagNoHole }), ErrBadFlags},
+		{"bit 6", with(func(h *Header) { h.Flags = 1 << 6 }), ErrBadFlags},
 	}
 	for _, c := range cases {
 		var h Header
