@@ -5,11 +5,13 @@ import (
 	"sync"
 
 	"keel/netpath/repl"
+	"keel/netpath/replproto"
 )
 
 // applier is the secondary side: repl.Server applies the frames it has
 // ordered and fenced to the local replicas through it, addressed by the
-// coordinator's volume number. A volume not open here is refused with
+// coordinator's volume number, with the frames' flags (FUA, no-hole, and
+// the write-intent bitmap's degraded and sync: see applyFlags). A volume not open here is refused with
 // repl.ErrUnknownVolume (the primary waits for a replica still being
 // opened, then reports it lost).
 type applier struct {
@@ -62,28 +64,53 @@ func (a *applier) ApplyEpoch(vol, e uint64) error {
 	return r.vol.SetEpoch(e)
 }
 
-func (a *applier) WriteAt(vol uint64, p []byte, off int64, fua bool) error {
+func (a *applier) WriteAt(vol uint64, p []byte, off int64, flags replproto.Flags) error {
 	r, err := a.get(vol)
 	if err != nil {
 		return err
 	}
-	return r.vol.WriteAt(p, off, fua)
+	if err := r.applyFlags(off, int64(len(p)), flags); err != nil {
+		return err
+	}
+	return r.vol.WriteAt(p, off, flags&replproto.FlagFUA != 0)
 }
 
-func (a *applier) Trim(vol uint64, off, length int64, fua bool) error {
+func (a *applier) Trim(vol uint64, off, length int64, flags replproto.Flags) error {
 	r, err := a.get(vol)
 	if err != nil {
 		return err
 	}
-	return r.vol.Trim(off, length, fua)
+	if err := r.applyFlags(off, length, flags); err != nil {
+		return err
+	}
+	return r.vol.Trim(off, length, flags&replproto.FlagFUA != 0)
 }
 
-func (a *applier) WriteZeroes(vol uint64, off, length int64, noHole, fua bool) error {
+func (a *applier) WriteZeroes(vol uint64, off, length int64, flags replproto.Flags) error {
 	r, err := a.get(vol)
 	if err != nil {
 		return err
 	}
-	return r.vol.WriteZeroes(off, length, noHole, false, fua)
+	if err := r.applyFlags(off, length, flags); err != nil {
+		return err
+	}
+	return r.vol.WriteZeroes(off, length, flags&replproto.FlagNoHole != 0, false, flags&replproto.FlagFUA != 0)
+}
+
+// applyFlags is the secondary's part of invariant 6, before a frame is
+// applied: a live write sent while a member is out of sync (FlagDegraded)
+// is recorded in this replica's write-intent bitmap first, so that if this
+// replica is promoted it knows what the out-of-sync member may lack; a live
+// write without it means every member is in sync again, and the bitmap is
+// cleared. A copy frame (FlagSync) changes neither.
+func (r *replica) applyFlags(off, n int64, flags replproto.Flags) error {
+	switch {
+	case flags&replproto.FlagDegraded != 0:
+		return r.mark(off, n)
+	case flags&replproto.FlagSync == 0 && r.marked.Load():
+		r.clearMarks("the primary writes with every member in sync")
+	}
+	return nil
 }
 
 func (a *applier) Flush(vol uint64) error {

@@ -112,7 +112,7 @@ type localOp struct {
 	fua, noHole, fastZero bool
 }
 
-func (o *localOp) request(vol, epoch uint64) repl.Request {
+func (o *localOp) request(vol, epoch uint64, degraded bool) repl.Request {
 	req := repl.Request{Volume: vol, Epoch: epoch, Offset: uint64(o.off)}
 	switch o.kind {
 	case opWrite:
@@ -129,6 +129,9 @@ func (o *localOp) request(vol, epoch uint64) repl.Request {
 	}
 	if o.fua && o.kind != opFlush {
 		req.Flags |= replproto.FlagFUA
+	}
+	if degraded && o.kind != opFlush {
+		req.Flags |= replproto.FlagDegraded
 	}
 	return req
 }
@@ -150,12 +153,15 @@ func (r *replica) local(o *localOp) error {
 // nothing (no goroutine, no op per peer).
 type round struct {
 	ops     []repl.Op
-	to      []*peer
+	to      []*peer // the in-sync peers sent to, then the catching ones
+	nsync   int     // to[:nsync] are in sync
 	left    atomic.Int32
 	done    chan struct{} // capacity 1: the last op's completion
 	doneFn  func(*repl.Op)
 	acked   []uint64 // node numbers of the peers that acknowledged, any round
-	lost    []uint64 // peers reported lost in this round
+	lost    []uint64 // peers found lost in this round
+	lostP   []*peer  // and their Peers and errors, to report
+	lostErr []error
 	missing []*peer
 }
 
@@ -171,19 +177,21 @@ func (rd *round) opDone(*repl.Op) {
 	}
 }
 
-// send submits req to every peer of to without waiting. req.Payload is
-// borrowed until wait returns.
-func (rd *round) send(ctx context.Context, to []*peer, req *repl.Request) {
-	rd.to = append(rd.to[:0], to...)
-	if cap(rd.ops) < len(to) {
-		rd.ops = make([]repl.Op, len(to))
+// send submits req to every peer of to (in sync) and of catching without
+// waiting. req.Payload is borrowed until wait returns.
+func (rd *round) send(ctx context.Context, to, catching []*peer, req *repl.Request) {
+	rd.to = append(append(rd.to[:0], to...), catching...)
+	rd.nsync = len(to)
+	n := len(rd.to)
+	if cap(rd.ops) < n {
+		rd.ops = make([]repl.Op, n)
 	}
-	rd.ops = rd.ops[:len(to)]
-	if len(to) == 0 {
+	rd.ops = rd.ops[:n]
+	if n == 0 {
 		return
 	}
-	rd.left.Store(int32(len(to)))
-	for i, p := range to {
+	rd.left.Store(int32(n))
+	for i, p := range rd.to {
 		op := &rd.ops[i]
 		op.Req = *req
 		op.Done = rd.doneFn
@@ -202,7 +210,9 @@ func (rd *round) wait() {
 func (rd *round) release() {
 	clear(rd.to)
 	clear(rd.missing)
-	rd.to, rd.missing = rd.to[:0], rd.missing[:0]
+	clear(rd.lostP)
+	clear(rd.lostErr)
+	rd.to, rd.missing, rd.lostP, rd.lostErr = rd.to[:0], rd.missing[:0], rd.lostP[:0], rd.lostErr[:0]
 	roundPool.Put(rd)
 }
 
@@ -230,18 +240,27 @@ func (r *replica) replicate(o *localOp) error {
 	}
 	r.busy()
 	defer r.idle()
+	if v.degraded && o.kind != opFlush {
+		// Invariant 6: recorded before the write is issued anywhere.
+		if err := r.mark(o.off, o.n); err != nil {
+			return err
+		}
+	}
 	rd := roundPool.Get().(*round)
 	defer rd.release()
-	req := o.request(r.num, v.epoch)
+	req := o.request(r.num, v.epoch, v.degraded)
+	if o.kind == opWrite && r.x.throttle != nil {
+		r.x.throttle.Foreground(len(o.p) * (len(v.peers) + len(v.catching)))
+	}
 	if o.kind == opZeroes && o.fastZero {
 		// ENOTSUP must come before anything changed anywhere.
 		if err := r.local(o); err != nil {
 			return err
 		}
-		rd.send(r.x.ctx, v.peers, &req)
+		rd.send(r.x.ctx, v.peers, v.catching, &req)
 		rd.wait()
 	} else {
-		rd.send(r.x.ctx, v.peers, &req)
+		rd.send(r.x.ctx, v.peers, v.catching, &req)
 		if r.x.testAfterSend != nil {
 			r.x.testAfterSend(o.off)
 		}
@@ -266,11 +285,20 @@ func (r *replica) settle(o *localOp, v *view, rd *round, start time.Time) error 
 	for {
 		var fencedAt uint64
 		rd.lost = rd.lost[:0]
+		rd.lostP, rd.lostErr = rd.lostP[:0], rd.lostErr[:0]
 		for i, p := range rd.to {
 			err := rd.ops[i].Err()
 			rd.ops[i] = repl.Op{} // drop the payload and error
 			if err == nil {
+				// A catching peer's acknowledgement counts too: a request
+				// that straddles its rejoin is not sent to it again.
 				rd.acked = append(rd.acked, p.num)
+				continue
+			}
+			if i >= rd.nsync {
+				// A member being caught up: its failure stops its sync
+				// (which starts over later), never the request.
+				r.catchFailed(p, err)
 				continue
 			}
 			var ne *repl.NackError
@@ -297,8 +325,23 @@ func (r *replica) settle(o *localOp, v *view, rd *round, start time.Time) error 
 				// The peer moved and its Peer was replaced: send again on
 				// the new one.
 			default:
-				r.reportLoss(p, err)
 				rd.lost = append(rd.lost, p.num)
+				rd.lostP = append(rd.lostP, p)
+				rd.lostErr = append(rd.lostErr, err)
+			}
+		}
+		if len(rd.lost) > 0 {
+			// The write reached this replica and maybe not the lost one:
+			// record the range before the loss is reported (and so before
+			// the request can be acknowledged), so that the lost member's
+			// catch-up copies it.
+			if o.kind != opFlush {
+				if err := r.mark(o.off, o.n); err != nil {
+					return err
+				}
+			}
+			for i, p := range rd.lostP {
+				r.reportLoss(p, rd.lostErr[i])
 			}
 		}
 		if fencedAt > v.epoch {
@@ -309,6 +352,13 @@ func (r *replica) settle(o *localOp, v *view, rd *round, start time.Time) error 
 		if len(rd.lost) > 0 {
 			if err := r.awaitDropped(v, rd.lost, deadline); err != nil {
 				return err
+			}
+			if o.kind != opFlush {
+				// The secondaries that acknowledged got the frame without
+				// FlagDegraded: send it again (idempotent, the range lock is
+				// held) so that it is in their bitmaps too, in case one of
+				// them is promoted and has to catch the lost member up.
+				rd.acked = rd.acked[:0]
 			}
 		}
 		nv, err := r.authorized(deadline)
@@ -329,8 +379,13 @@ func (r *replica) settle(o *localOp, v *view, rd *round, start time.Time) error 
 			return errLossTimeout
 		}
 		r.x.m.resent.Add(float64(len(rd.missing)))
-		req := o.request(r.num, nv.epoch)
-		rd.send(r.x.ctx, rd.missing, &req)
+		if nv.degraded && o.kind != opFlush {
+			if err := r.mark(o.off, o.n); err != nil {
+				return err
+			}
+		}
+		req := o.request(r.num, nv.epoch, nv.degraded)
+		rd.send(r.x.ctx, rd.missing, nil, &req)
 		rd.wait()
 		v = nv
 	}

@@ -24,13 +24,17 @@ type secondary struct {
 	addr string
 	vol  *volume.Volume
 	mem  *dio.Mem // the device, for an in-memory secondary
+	app  *applier
+	r    *replica
 }
 
 func startSecondary(tb testing.TB, id coordapi.NodeID, vol coordapi.VolumeID, size int64, mem bool) *secondary {
 	tb.Helper()
 	num, _ := volumeNum(vol)
 	v, dev := benchVolume(tb, string(id), size, mem)
-	app := &applier{vols: map[uint64]*replica{num: {id: vol, num: num, vol: v}}}
+	x := &replicator{self: id, m: newMetrics(nil), log: testLogger(tb), ctx: context.Background()}
+	r := newReplica(x, vol, num, "", v.Name(), v)
+	app := &applier{vols: map[uint64]*replica{num: r}}
 	srv := repl.NewServer(repl.ServerConfig{Node: NodeNum(id), Applier: app, Logger: testLogger(tb)})
 	l, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
@@ -41,7 +45,7 @@ func startSecondary(tb testing.TB, id coordapi.NodeID, vol coordapi.VolumeID, si
 		srv.Close()
 		v.Close()
 	})
-	return &secondary{id: id, addr: l.Addr().String(), vol: v, mem: dev}
+	return &secondary{id: id, addr: l.Addr().String(), vol: v, mem: dev, app: app, r: r}
 }
 
 // benchVolume is a volume file on the work disk, written once, or with

@@ -10,6 +10,7 @@ import (
 	"os"
 	"path/filepath"
 	"slices"
+	"strings"
 	"sync"
 	"time"
 
@@ -93,11 +94,20 @@ type Node struct {
 	latest []coordapi.Assignment
 	fresh  bool // latest not yet reconciled
 	vols   map[coordapi.VolumeID]*replica
-	// Reconciler goroutine only: replicas whose NBD exports are added, and
-	// whether the last pass left something to retry.
-	exported map[coordapi.VolumeID]bool
-	dirty    bool
+	// Reconciler goroutine only: replicas whose NBD exports are added,
+	// whether the last pass left something to retry, and replica files no
+	// longer assigned here that may still be needed (orphans: volume id to
+	// path), checked again at most every orphanCheck.
+	exported  map[coordapi.VolumeID]bool
+	dirty     bool
+	orphans   map[coordapi.VolumeID]string
+	swept     time.Time
+	scannedFS bool
 }
+
+// orphanCheck is how often the replica files no longer assigned here are
+// checked for whether they may go.
+const orphanCheck = 10 * time.Second
 
 // Start opens the listeners, starts the agent, the NBD and replication
 // servers, and returns the running node. Stop it with Close.
@@ -134,6 +144,7 @@ func Start(cfg Config) (*Node, error) {
 		updates:  make(chan struct{}, 1),
 		vols:     map[coordapi.VolumeID]*replica{},
 		exported: map[coordapi.VolumeID]bool{},
+		orphans:  map[coordapi.VolumeID]string{},
 		app:      &applier{vols: map[uint64]*replica{}},
 	}
 	ok := false
@@ -372,11 +383,16 @@ func (n *Node) reports() []coordapi.ReplicaReport {
 	now := time.Now()
 	n.mu.Lock()
 	out := make([]coordapi.ReplicaReport, 0, len(n.vols))
+	var dirty int64
 	for _, r := range n.vols {
 		h, why := r.health(now)
-		out = append(out, coordapi.ReplicaReport{Volume: r.id, Epoch: coordapi.Epoch(r.vol.Epoch()), Health: h, Reason: why})
+		out = append(out, coordapi.ReplicaReport{Volume: r.id, Epoch: coordapi.Epoch(r.vol.Epoch()), Health: h, Reason: why, Syncs: r.syncReports(now)})
+		if r.bm != nil && r.marked.Load() {
+			dirty += r.bm.DirtyBytes()
+		}
 	}
 	n.mu.Unlock()
+	n.x.m.dirtyBytes.Set(float64(dirty))
 	return out
 }
 
@@ -417,7 +433,7 @@ func (n *Node) reconcileLoop(ctx context.Context) {
 			return
 		case <-n.updates:
 		case <-retry.C:
-			if !n.dirty {
+			if !n.dirty && (len(n.orphans) == 0 || time.Since(n.swept) < orphanCheck) {
 				continue
 			}
 		}
@@ -484,6 +500,32 @@ func (n *Node) reconcile(ctx context.Context, assignments []coordapi.Assignment)
 		n.drop(ctx, r)
 	}
 	n.retirePeers()
+	if !n.scannedFS {
+		// Replica files of volumes assigned elsewhere while this node was
+		// away: the same rules as for a replica dropped now.
+		n.scannedFS = true
+		if files, err := filepath.Glob(filepath.Join(n.cfg.DataDir, "vol-*.vol")); err == nil {
+			for _, f := range files {
+				id := coordapi.VolumeID(strings.TrimSuffix(filepath.Base(f), ".vol"))
+				if _, err := volumeNum(id); err == nil && !seen[id] {
+					n.orphans[id] = f
+				}
+			}
+		}
+	}
+	for id := range n.orphans {
+		if seen[id] {
+			delete(n.orphans, id) // assigned here again: open uses the file
+		}
+	}
+	if len(n.orphans) > 0 && time.Since(n.swept) >= orphanCheck {
+		n.swept = time.Now()
+		for id, path := range n.orphans {
+			if n.removeIfGarbage(ctx, id, path) {
+				delete(n.orphans, id)
+			}
+		}
+	}
 }
 
 // retirePeers closes the replication streams no primary view uses.
@@ -500,6 +542,12 @@ func (n *Node) retirePeers() {
 		}
 		for _, p := range v.peers {
 			used[p.id] = true
+		}
+		for _, p := range v.catching {
+			used[p.id] = true
+		}
+		for _, id := range r.syncTargets() {
+			used[id] = true
 		}
 	}
 	n.mu.Unlock()
@@ -612,19 +660,44 @@ func (n *Node) drop(ctx context.Context, r *replica) {
 			return
 		}
 	}
+	if !n.removeIfGarbage(ctx, r.id, r.path) {
+		n.orphans[r.id] = r.path
+	}
+}
+
+// removeIfGarbage removes the replica file of a volume not assigned here
+// when nothing can need it any more: the coordinator no longer knows the
+// volume, or this node is not a member and every member is in sync (the
+// volume was re-mirrored elsewhere, so the coordinator has released the
+// space it kept quarantined here). It reports whether the file is gone
+// (or was never there).
+func (n *Node) removeIfGarbage(ctx context.Context, id coordapi.VolumeID, path string) bool {
 	cctx, cancel := context.WithTimeout(ctx, 10*time.Second)
 	defer cancel()
-	_, err := n.client.Volume(cctx, string(r.id))
+	v, err := n.client.Volume(cctx, string(id))
+	var why string
 	var ae *coordapi.Error
-	if errors.As(err, &ae) && ae.Code == coordapi.CodeNotFound {
-		if err := os.Remove(r.path); err != nil {
-			n.log.Error("removing the replica file of a deleted volume", "file", r.path, "err", err)
-			return
-		}
-		n.log.Info("volume deleted: replica file removed", "volume", r.id, "file", r.path)
-		return
+	switch {
+	case errors.As(err, &ae) && ae.Code == coordapi.CodeNotFound:
+		why = "volume deleted"
+	case err != nil:
+		n.log.Warn("cannot ask the coordinator about a replica no longer assigned here: file kept for now", "volume", id, "file", path, "err", err)
+		return false
+	case slices.ContainsFunc(v.Members, func(m coordapi.Member) bool { return m.Node == n.cfg.ID }):
+		n.log.Info("replica not assigned here but this node is still a member: file kept", "volume", id, "file", path)
+		return false
+	case len(v.InSync()) < len(v.Members):
+		n.log.Info("replica no longer a member here; the volume is not fully in sync yet: file kept for now", "volume", id, "file", path, "state", v.State)
+		return false
+	default:
+		why = "volume re-mirrored elsewhere"
 	}
-	n.log.Info("replica no longer assigned here: closed, file kept", "volume", r.id, "file", r.path)
+	if err := os.Remove(path); err != nil && !errors.Is(err, os.ErrNotExist) {
+		n.log.Error("removing a replica file no longer needed", "volume", id, "file", path, "err", err)
+		return false
+	}
+	n.log.Info(why+": replica file removed", "volume", id, "file", path)
+	return true
 }
 
 // watchdog recomputes the replicas' health twice per ImpairedAfter and asks

@@ -14,6 +14,13 @@ type metrics struct {
 	waiting     prometheus.Gauge       // requests waiting on the coordinator
 	replicas    *prometheus.GaugeVec   // replicas open here, by role
 	impaired    prometheus.Gauge       // replicas whose health is impaired
+
+	// The sync engine (catch-up and re-mirror, as primary).
+	slotRequests *prometheus.CounterVec // by result: granted, refused, error
+	syncs        *prometheus.CounterVec // finished attempts, by outcome
+	syncsRunning prometheus.Gauge       // copies holding a slot now
+	syncBytes    *prometheus.CounterVec // bytes copied, by kind and how (data, zeroes)
+	dirtyBytes   prometheus.Gauge       // bytes the write-intent bitmaps of the replicas here mark
 }
 
 func newMetrics(reg prometheus.Registerer) *metrics {
@@ -42,9 +49,30 @@ func newMetrics(reg prometheus.Registerer) *metrics {
 			Name: "keel_node_replicas_impaired",
 			Help: "Replicas whose health this node reports as impaired.",
 		}),
+		slotRequests: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "keel_node_sync_slot_requests_total",
+			Help: "Catch-up and re-mirror slot requests this node made as primary, by result (granted, refused: wait and ask again, error).",
+		}, []string{"result"}),
+		syncs: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "keel_node_syncs_total",
+			Help: "Copies to out-of-sync members that ended, by outcome (rejoined: the member is in sync again; failed: starts over after a backoff; stopped: no longer asked for).",
+		}, []string{"outcome"}),
+		syncsRunning: prometheus.NewGauge(prometheus.GaugeOpts{
+			Name: "keel_node_syncs_running",
+			Help: "Copies to out-of-sync members running now (holding a slot).",
+		}),
+		syncBytes: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "keel_node_sync_bytes_total",
+			Help: "Bytes copied to out-of-sync members and acknowledged, by kind (catch_up, remirror) and how (data: read from the replica and sent; zeroes: a range all zeroes here, sent as a ZEROES frame).",
+		}, []string{"kind", "how"}),
+		dirtyBytes: prometheus.NewGauge(prometheus.GaugeOpts{
+			Name: "keel_node_dirty_bytes",
+			Help: "Bytes the write-intent bitmaps of the replicas on this node mark as possibly differing from an out-of-sync member.",
+		}),
 	}
 	if reg != nil {
-		reg.MustRegister(m.lossReports, m.refused, m.resent, m.waiting, m.replicas, m.impaired)
+		reg.MustRegister(m.lossReports, m.refused, m.resent, m.waiting, m.replicas, m.impaired,
+			m.slotRequests, m.syncs, m.syncsRunning, m.syncBytes, m.dirtyBytes)
 	}
 	return m
 }

@@ -98,7 +98,7 @@ and marked clean.`,
 	f.DurationVar(&cfg.Timing.LossWait, "loss-wait", 30*time.Second, "how long writes wait for the coordinator to drop a failed secondary before failing with EIO")
 	f.DurationVar(&cfg.Timing.PeerWait, "peer-wait", 5*time.Second, "how long writes wait for a secondary's stream to come up (or its replica to open) before reporting it lost")
 	f.DurationVar(&cfg.Timing.FrameTimeout, "repl-timeout", 5*time.Second, "replication frame deadline: a frame unanswered this long fails the stream")
-	f.DurationVar(&cfg.Timing.ImpairedAfter, "impaired-after", 2*time.Second, "report a replica impaired when requests make no progress for this long")
+	f.DurationVar(&cfg.Timing.ImpairedAfter, "impaired-after", 5*time.Second, "report a replica impaired when requests make no progress for this long")
 	f.DurationVar(&cfg.ShutdownTimeout, "shutdown-timeout", 30*time.Second, "how long in-flight requests may take to finish after SIGINT/SIGTERM")
 	f.StringVar(&logLevel, "log-level", "info", "debug, info, warn or error")
 	return cmd

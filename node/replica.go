@@ -31,7 +31,7 @@ type Timing struct {
 	// reconnect's backoff, or a secondary's next heartbeat).
 	PeerWait time.Duration
 	// ImpairedAfter: a replica with requests in flight and none completed
-	// for this long reports impaired ("no I/O progress"), default 2 s.
+	// for this long reports impaired ("no I/O progress"), default 5 s.
 	ImpairedAfter time.Duration
 	// FrameTimeout is the replication frame deadline (repl.PeerConfig),
 	// default 5 s; also the replication sockets' TCP_USER_TIMEOUT.
@@ -46,7 +46,7 @@ func (t Timing) withDefaults() Timing {
 		t.PeerWait = 5 * time.Second
 	}
 	if t.ImpairedAfter <= 0 {
-		t.ImpairedAfter = 2 * time.Second
+		t.ImpairedAfter = 5 * time.Second
 	}
 	if t.FrameTimeout <= 0 {
 		t.FrameTimeout = 5 * time.Second
@@ -56,13 +56,25 @@ func (t Timing) withDefaults() Timing {
 
 // authority is what the data path needs from the coordinator agent
 // (*coordclient.Agent): the lease and assignment check before every
-// acknowledgement, and the replica-loss report.
+// acknowledgement, the replica-loss report, and the sync engine's slot
+// requests and rejoins.
 type authority interface {
 	Authority(vol coordapi.VolumeID, epoch coordapi.Epoch, now time.Time) bool
 	Assignment(vol coordapi.VolumeID) (coordapi.Assignment, bool)
 	LeaseValid(now time.Time) bool
 	ReportReplicaLoss(ctx context.Context, vol coordapi.VolumeID, epoch coordapi.Epoch, lost coordapi.NodeID, reason string) (coordapi.Assignment, error)
+	RequestSync(ctx context.Context, vol coordapi.VolumeID, epoch coordapi.Epoch, target coordapi.NodeID) (coordapi.SyncGrant, error)
+	SyncRetryWait(refusals int, g coordapi.SyncGrant) time.Duration
+	Rejoin(ctx context.Context, vol coordapi.VolumeID, epoch coordapi.Epoch, target coordapi.NodeID, kind coordapi.SyncKind, copied int64) (coordapi.Assignment, error)
 	Kick()
+}
+
+// recoveryThrottle paces catch-up and re-mirror traffic on the
+// replication path (netpath/sock.Throttle): Wait before sending n bytes of
+// a copy, Foreground to count live replication.
+type recoveryThrottle interface {
+	Wait(ctx context.Context, n int) error
+	Foreground(n int)
 }
 
 // Errors of the replicated data path. Each wraps the errno the NBD client
@@ -92,10 +104,15 @@ type replicator struct {
 	// frame of an older primary is applied after this node acts on the
 	// new epoch.
 	raise func(r *replica, epoch uint64) error
+	// throttle paces the sync engine's copies; nil: unthrottled.
+	throttle recoveryThrottle
 	// testAfterSend, when set (tests only), runs between submitting a
 	// request's frames and its local operation (with the offset: a
 	// pointer to the request would make every request escape to the heap).
 	testAfterSend func(off int64)
+	// testBeforeRegion, when set (tests only), runs before the sync engine
+	// copies each range.
+	testBeforeRegion func(off, n int64)
 
 	mu     sync.Mutex // guards peers, lostAt
 	peers  map[coordapi.NodeID]*peer
@@ -198,8 +215,17 @@ func (x *replicator) closePeers() {
 type view struct {
 	primary bool
 	epoch   uint64
-	peers   []*peer       // in-sync secondaries (primary only)
-	next    chan struct{} // closed when a newer view replaces this one
+	peers   []*peer // in-sync secondaries (primary only)
+	// catching are out-of-sync members the sync engine is bringing back
+	// (primary only): every live write goes to them too, but their answers
+	// do not count towards an acknowledgement and their failure only stops
+	// their sync.
+	catching []*peer
+	// degraded: a member of the volume is out of sync at this epoch, so
+	// every write is recorded in the write-intent bitmap before it is
+	// issued and its frames carry FlagDegraded (invariant 6).
+	degraded bool
+	next     chan struct{} // closed when a newer view replaces this one
 }
 
 func (v *view) has(num uint64) bool {
@@ -209,6 +235,15 @@ func (v *view) has(num uint64) bool {
 		}
 	}
 	return false
+}
+
+// with returns a copy of v (same epoch, a new next channel) whose catching
+// peers are catching.
+func (v *view) with(catching []*peer) *view {
+	nv := *v
+	nv.catching = catching
+	nv.next = make(chan struct{})
+	return &nv
 }
 
 func (v *view) peerIDs() []string {
@@ -250,6 +285,63 @@ type replica struct {
 	lossRunning bool       // a runLoss goroutine owns the queue
 	lossSince   time.Time
 	lossWhy     string
+
+	// The write-intent bitmap (nil when the volume has none: then nothing
+	// is marked and every copy is a whole-volume copy). markMu orders
+	// marks (shared) against clearing (exclusive), which would drop a
+	// concurrent mark; marked says whether anything may be marked.
+	bm     bitmap
+	markMu sync.RWMutex
+	marked atomic.Bool
+
+	syncMu sync.Mutex                    // guards syncs
+	syncs  map[coordapi.NodeID]*syncTask // the running copies, by target (primary only)
+	copied atomic.Int64                  // bytes the sync engine sent, ever (tests, logs)
+}
+
+// bitmap is what the node needs of a volume's write-intent bitmap
+// (datapath/volume: MarkDirty is durable before it returns).
+type bitmap interface {
+	RegionSize() int64
+	MarkDirty(off, n int64) error
+	DirtyRegions(fn func(off, n int64) bool)
+	DirtyBytes() int64
+	ClearDirty() error
+}
+
+// mark records [off, off+n) in the write-intent bitmap, durably, before
+// the caller issues a write there.
+func (r *replica) mark(off, n int64) error {
+	if r.bm == nil || n <= 0 {
+		return nil
+	}
+	r.markMu.RLock()
+	defer r.markMu.RUnlock()
+	if err := r.bm.MarkDirty(off, n); err != nil {
+		return fmt.Errorf("volume %s: write-intent bitmap: %w", r.id, err)
+	}
+	r.marked.Store(true)
+	return nil
+}
+
+// clearMarks empties the write-intent bitmap: every replica of the volume
+// holds the same data again.
+func (r *replica) clearMarks(why string) {
+	if r.bm == nil || !r.marked.Load() {
+		return
+	}
+	r.markMu.Lock()
+	defer r.markMu.Unlock()
+	if !r.marked.Load() {
+		return
+	}
+	dirty := r.bm.DirtyBytes()
+	if err := r.bm.ClearDirty(); err != nil {
+		r.x.log.Error("cannot clear the write-intent bitmap (a later catch-up copies more than it needs)", "volume", r.id, "err", err)
+		return
+	}
+	r.marked.Store(false)
+	r.x.log.Info("write-intent bitmap cleared", "volume", r.id, "why", why, "dirty_bytes", dirty)
 }
 
 var clockBase = time.Now()
@@ -257,7 +349,11 @@ var clockBase = time.Now()
 func monoNow() int64 { return int64(time.Since(clockBase)) }
 
 func newReplica(x *replicator, id coordapi.VolumeID, num uint64, name, path string, vol *volume.Volume) *replica {
-	r := &replica{id: id, num: num, name: name, path: path, vol: vol, x: x}
+	r := &replica{id: id, num: num, name: name, path: path, vol: vol, x: x, syncs: map[coordapi.NodeID]*syncTask{}}
+	if bm, ok := any(vol).(bitmap); ok {
+		r.bm = bm
+		r.marked.Store(bm.DirtyBytes() > 0)
+	}
 	r.cur.Store(&view{epoch: vol.Epoch(), next: make(chan struct{})})
 	return r
 }
@@ -270,8 +366,13 @@ func (r *replica) view() *view { return r.cur.Load() }
 func (r *replica) publishLocked(v *view) {
 	old := r.cur.Swap(v)
 	close(old.next)
-	if v.primary != old.primary || v.epoch != old.epoch || !slices.Equal(v.peerIDs(), old.peerIDs()) {
-		r.x.log.Info("replica configuration", "volume", r.id, "name", r.name, "primary", v.primary, "epoch", v.epoch, "in_sync_peers", v.peerIDs())
+	if v.primary != old.primary || v.epoch != old.epoch || !slices.Equal(v.peerIDs(), old.peerIDs()) || v.degraded != old.degraded || len(v.catching) != len(old.catching) {
+		var catching []string
+		for _, p := range v.catching {
+			catching = append(catching, string(p.id))
+		}
+		r.x.log.Info("replica configuration", "volume", r.id, "name", r.name, "primary", v.primary, "epoch", v.epoch,
+			"in_sync_peers", v.peerIDs(), "degraded", v.degraded, "catching_up", catching)
 	}
 }
 
@@ -294,12 +395,22 @@ func (r *replica) becomePrimary(as coordapi.Assignment) error {
 		return fmt.Errorf("volume %s: persisting epoch %d: %w", r.id, e, err)
 	}
 	var peers []*peer
+	degraded := false
 	for _, p := range as.Peers {
-		if p.InSync && p.Node != r.x.self && p.Role == coordapi.RoleSecondary {
+		switch {
+		case p.Node == r.x.self:
+		case p.InSync && p.Role == coordapi.RoleSecondary:
 			peers = append(peers, r.x.peerFor(p.Node, p.ReplAddr))
+		case !p.InSync:
+			degraded = true
 		}
 	}
-	r.publishLocked(&view{primary: true, epoch: e, peers: peers, next: make(chan struct{})})
+	r.publishLocked(&view{primary: true, epoch: e, peers: peers, degraded: degraded, next: make(chan struct{})})
+	if !degraded {
+		// Every member is in sync at e, and no copy runs (a copy is for an
+		// out-of-sync member): nothing recorded is needed any more.
+		r.clearMarks(fmt.Sprintf("every member in sync at epoch %d", e))
+	}
 	return nil
 }
 
@@ -314,13 +425,19 @@ func (r *replica) stepDown(e uint64) {
 		return
 	}
 	r.publishLocked(&view{epoch: max(e, cur.epoch), next: make(chan struct{})})
+	r.stopSyncs()
 }
 
 // apply acts on an assignment for r's volume: the coordinator's heartbeat
-// answer or its answer to a replica-loss report.
+// answer or its answer to a replica-loss report or a rejoin. As primary it
+// also starts (or stops) the copies to out-of-sync members.
 func (r *replica) apply(as coordapi.Assignment) error {
 	if as.Role == coordapi.RolePrimary && as.InSync {
-		return r.becomePrimary(as)
+		if err := r.becomePrimary(as); err != nil {
+			return err
+		}
+		r.updateSyncs(as)
+		return nil
 	}
 	r.stepDown(uint64(as.Epoch))
 	return nil

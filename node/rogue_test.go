@@ -28,6 +28,13 @@ func (l liar) LeaseValid(time.Time) bool { return true }
 func (l liar) ReportReplicaLoss(context.Context, coordapi.VolumeID, coordapi.Epoch, coordapi.NodeID, string) (coordapi.Assignment, error) {
 	return coordapi.Assignment{}, errors.New("liar: no coordinator here")
 }
+func (l liar) RequestSync(context.Context, coordapi.VolumeID, coordapi.Epoch, coordapi.NodeID) (coordapi.SyncGrant, error) {
+	return coordapi.SyncGrant{}, errors.New("liar: no coordinator here")
+}
+func (l liar) SyncRetryWait(int, coordapi.SyncGrant) time.Duration { return time.Second }
+func (l liar) Rejoin(context.Context, coordapi.VolumeID, coordapi.Epoch, coordapi.NodeID, coordapi.SyncKind, int64) (coordapi.Assignment, error) {
+	return coordapi.Assignment{}, errors.New("liar: no coordinator here")
+}
 func (l liar) Kick() {}
 
 // newRogue builds a Backend that acts as v's primary at v's current epoch,

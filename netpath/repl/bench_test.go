@@ -17,12 +17,14 @@ import (
 // of replication from the cost of a disk.
 type nopApplier struct{}
 
-func (nopApplier) Epoch(uint64) (uint64, error)                       { return 1, nil }
-func (nopApplier) ApplyEpoch(uint64, uint64) error                    { return nil }
-func (nopApplier) WriteAt(uint64, []byte, int64, bool) error          { return nil }
-func (nopApplier) Trim(uint64, int64, int64, bool) error              { return nil }
-func (nopApplier) WriteZeroes(uint64, int64, int64, bool, bool) error { return nil }
-func (nopApplier) Flush(uint64) error                                 { return nil }
+func (nopApplier) Epoch(uint64) (uint64, error)                         { return 1, nil }
+func (nopApplier) ApplyEpoch(uint64, uint64) error                      { return nil }
+func (nopApplier) WriteAt(uint64, []byte, int64, replproto.Flags) error { return nil }
+func (nopApplier) Trim(uint64, int64, int64, replproto.Flags) error     { return nil }
+func (nopApplier) WriteZeroes(uint64, int64, int64, replproto.Flags) error {
+	return nil
+}
+func (nopApplier) Flush(uint64) error { return nil }
 
 func startNop(tb testing.TB, m *repl.Metrics) (*repl.Server, string) {
 	tb.Helper()

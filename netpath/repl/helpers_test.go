@@ -12,6 +12,7 @@ import (
 	"time"
 
 	"keel/netpath/repl"
+	"keel/netpath/replproto"
 )
 
 // memApplier is a test double of repl.Applier: volumes are byte slices,
@@ -37,6 +38,8 @@ type memVol struct {
 	flushes       int
 	trims, zeroes int
 	noHole        int
+	degraded      int // frames applied with FlagDegraded
+	synced        int // frames applied with FlagSync
 	failWrite     error
 	failEpoch     error
 }
@@ -89,7 +92,18 @@ func (a *memApplier) ApplyEpoch(vol, e uint64) error {
 	return nil
 }
 
-func (a *memApplier) WriteAt(vol uint64, p []byte, off int64, fua bool) error {
+// classify counts a frame's degraded and sync flags. REQUIRES: a.mu.
+func (v *memVol) classify(flags replproto.Flags) {
+	if flags&replproto.FlagDegraded != 0 {
+		v.degraded++
+	}
+	if flags&replproto.FlagSync != 0 {
+		v.synced++
+	}
+}
+
+func (a *memApplier) WriteAt(vol uint64, p []byte, off int64, flags replproto.Flags) error {
+	fua := flags&replproto.FlagFUA != 0
 	a.mu.Lock()
 	hold := a.holdAt[off]
 	a.mu.Unlock()
@@ -111,6 +125,7 @@ func (a *memApplier) WriteAt(vol uint64, p []byte, off int64, fua bool) error {
 	}
 	copy(v.data[off:], p)
 	v.writes++
+	v.classify(flags)
 	if fua {
 		v.fua++
 		copy(v.durable[off:], p)
@@ -121,7 +136,8 @@ func (a *memApplier) WriteAt(vol uint64, p []byte, off int64, fua bool) error {
 	return nil
 }
 
-func (a *memApplier) zero(vol uint64, off, length int64, fua bool) (*memVol, error) {
+func (a *memApplier) zero(vol uint64, off, length int64, flags replproto.Flags) (*memVol, error) {
+	fua := flags&replproto.FlagFUA != 0
 	a.mu.Lock()
 	defer a.mu.Unlock()
 	v, err := a.vol(vol)
@@ -132,14 +148,15 @@ func (a *memApplier) zero(vol uint64, off, length int64, fua bool) (*memVol, err
 		return nil, syscall.EINVAL
 	}
 	clear(v.data[off : off+length])
+	v.classify(flags)
 	if fua {
 		clear(v.durable[off : off+length])
 	}
 	return v, nil
 }
 
-func (a *memApplier) Trim(vol uint64, off, length int64, fua bool) error {
-	v, err := a.zero(vol, off, length, fua)
+func (a *memApplier) Trim(vol uint64, off, length int64, flags replproto.Flags) error {
+	v, err := a.zero(vol, off, length, flags)
 	if err == nil {
 		a.mu.Lock()
 		v.trims++
@@ -148,12 +165,12 @@ func (a *memApplier) Trim(vol uint64, off, length int64, fua bool) error {
 	return err
 }
 
-func (a *memApplier) WriteZeroes(vol uint64, off, length int64, noHole, fua bool) error {
-	v, err := a.zero(vol, off, length, fua)
+func (a *memApplier) WriteZeroes(vol uint64, off, length int64, flags replproto.Flags) error {
+	v, err := a.zero(vol, off, length, flags)
 	if err == nil {
 		a.mu.Lock()
 		v.zeroes++
-		if noHole {
+		if flags&replproto.FlagNoHole != 0 {
 			v.noHole++
 		}
 		a.mu.Unlock()

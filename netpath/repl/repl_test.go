@@ -31,7 +31,8 @@ func fill(p []byte, id uint64) {
 // concurrent overlapping writes, trims, zeroes and flushes from several
 // goroutines, each holding the primary's range lock while it writes locally
 // and fans out (as the volume does). Afterwards both replicas are
-// byte-identical to the primary, and FUA and FLUSH reached the appliers.
+// byte-identical to the primary, and FUA, FLUSH and the degraded and sync
+// flags reached the appliers.
 func TestReplicatedWritesIdentical(t *testing.T) {
 	const vol, size, block = 7, 1 << 20, 4096
 	seed := uint64(time.Now().UnixNano())
@@ -66,8 +67,13 @@ func TestReplicatedWritesIdentical(t *testing.T) {
 					off, n = rng.IntN(16<<10), 1+rng.IntN(8<<10)
 				}
 				req := repl.Request{Volume: vol, Epoch: 1, Offset: uint64(off)}
-				if rng.IntN(4) == 0 {
+				switch rng.IntN(8) {
+				case 0, 1:
 					req.Flags |= replproto.FlagFUA
+				case 2:
+					req.Flags |= replproto.FlagDegraded
+				case 3:
+					req.Flags |= replproto.FlagSync
 				}
 				var buf *iobuf.Buf
 				kind := rng.IntN(20)
@@ -125,9 +131,9 @@ func TestReplicatedWritesIdentical(t *testing.T) {
 		if got := sum(durable); got != want {
 			t.Errorf("replica %d: durable checksum %s after FLUSH, want %s", r.node, got, want)
 		}
-		if st.fua == 0 || st.flushes == 0 || st.trims == 0 || st.zeroes == 0 || st.noHole != st.zeroes {
-			t.Errorf("replica %d: writes %d fua %d flushes %d trims %d zeroes %d (nohole %d): a flag or type did not arrive",
-				r.node, st.writes, st.fua, st.flushes, st.trims, st.zeroes, st.noHole)
+		if st.fua == 0 || st.flushes == 0 || st.trims == 0 || st.zeroes == 0 || st.noHole != st.zeroes || st.degraded == 0 || st.synced == 0 {
+			t.Errorf("replica %d: writes %d fua %d flushes %d trims %d zeroes %d (nohole %d) degraded %d sync %d: a flag or type did not arrive",
+				r.node, st.writes, st.fua, st.flushes, st.trims, st.zeroes, st.noHole, st.degraded, st.synced)
 		}
 		t.Logf("replica %d: %d writes (%d FUA), %d flushes, %d trims, %d zeroes: checksum %s", r.node, st.writes, st.fua, st.flushes, st.trims, st.zeroes, want)
 	}

@@ -35,13 +35,20 @@ type Applier interface {
 	// before acknowledging anything at e, and only once every frame of an
 	// older epoch that it accepted has been answered.
 	ApplyEpoch(vol uint64, e uint64) error
-	// WriteAt writes p at off; with fua, p is on stable storage when it
-	// returns. p is borrowed for the call (an aligned iobuf buffer).
-	WriteAt(vol uint64, p []byte, off int64, fua bool) error
+	// WriteAt writes p at off. p is borrowed for the call (an aligned
+	// iobuf buffer). flags are the frame's (replproto allows FlagFUA,
+	// FlagDegraded and FlagSync on it): with FlagFUA, p is on stable
+	// storage when it returns; with FlagDegraded, the range is recorded in
+	// the replica's write-intent bitmap before it is written; a live write
+	// without FlagDegraded says the volume is fully in sync again; FlagSync
+	// marks a catch-up or re-mirror copy.
+	WriteAt(vol uint64, p []byte, off int64, flags replproto.Flags) error
 	// Trim discards [off, off+length); reads of it may return zeroes.
-	Trim(vol uint64, off, length int64, fua bool) error
-	// WriteZeroes zeroes [off, off+length); noHole forbids deallocating.
-	WriteZeroes(vol uint64, off, length int64, noHole, fua bool) error
+	// flags as WriteAt's.
+	Trim(vol uint64, off, length int64, flags replproto.Flags) error
+	// WriteZeroes zeroes [off, off+length); FlagNoHole forbids
+	// deallocating; other flags as WriteAt's.
+	WriteZeroes(vol uint64, off, length int64, flags replproto.Flags) error
 	// Flush makes every write that has returned durable.
 	Flush(vol uint64) error
 }
@@ -83,6 +90,7 @@ type Server struct {
 	m   *Metrics
 
 	ack, nack         prometheus.Counter
+	live, deg, sync   prometheus.Counter // applied range bytes by class
 	applyTime         [replproto.TypeRemirrorWrite + 1]prometheus.Observer
 	workers, inflight sync.WaitGroup
 	streamWG          sync.WaitGroup
@@ -133,6 +141,8 @@ func NewServer(cfg ServerConfig) *Server {
 	s := &Server{
 		cfg: cfg, app: cfg.Applier, log: log, m: cfg.Metrics,
 		ack: cfg.Metrics.srvFrames.WithLabelValues("ack"), nack: cfg.Metrics.srvFrames.WithLabelValues("nack"),
+		live: cfg.Metrics.srvClass.WithLabelValues("live"), deg: cfg.Metrics.srvClass.WithLabelValues("degraded"),
+		sync:      cfg.Metrics.srvClass.WithLabelValues("sync"),
 		vols:      make(map[uint64]*volState),
 		streams:   make(map[*sconn]struct{}),
 		byPrimary: make(map[uint64]*sconn),
@@ -541,14 +551,14 @@ func (s *Server) apply(f *sframe) replproto.Header {
 		}
 		return s.nackHeader(h, replproto.ReasonIO, cur, syscall.EIO)
 	}
-	vol, off, n, fua := h.Volume, int64(h.Offset), int64(h.Length), h.Flags&replproto.FlagFUA != 0
+	vol, off, n := h.Volume, int64(h.Offset), int64(h.Length)
 	switch h.Type {
 	case replproto.TypeWrite:
-		err = s.app.WriteAt(vol, f.buf.Bytes(), off, fua)
+		err = s.app.WriteAt(vol, f.buf.Bytes(), off, h.Flags)
 	case replproto.TypeTrim:
-		err = s.app.Trim(vol, off, n, fua)
+		err = s.app.Trim(vol, off, n, h.Flags)
 	case replproto.TypeZeroes:
-		err = s.app.WriteZeroes(vol, off, n, h.Flags&replproto.FlagNoHole != 0, fua)
+		err = s.app.WriteZeroes(vol, off, n, h.Flags)
 	case replproto.TypeFlush:
 		err = s.app.Flush(vol)
 	}
@@ -556,6 +566,16 @@ func (s *Server) apply(f *sframe) replproto.Header {
 		reason, errno := nackReason(err)
 		s.log.Warn("replica failed a frame", "volume", vol, "type", h.Type.String(), "off", off, "len", n, "err", err)
 		return s.nackHeader(h, reason, h.Epoch, errno)
+	}
+	if h.Type != replproto.TypeFlush {
+		switch {
+		case h.Flags&replproto.FlagSync != 0:
+			s.sync.Add(float64(n))
+		case h.Flags&replproto.FlagDegraded != 0:
+			s.deg.Add(float64(n))
+		default:
+			s.live.Add(float64(n))
+		}
 	}
 	s.ack.Inc()
 	return replproto.Header{Type: replproto.TypeAck, Volume: vol, Epoch: h.Epoch, Seq: h.Seq}

@@ -23,15 +23,15 @@ type sliceApplier struct {
 
 func (a *sliceApplier) Epoch(uint64) (uint64, error)    { return 1, nil }
 func (a *sliceApplier) ApplyEpoch(uint64, uint64) error { return nil }
-func (a *sliceApplier) WriteAt(_ uint64, p []byte, off int64, _ bool) error {
+func (a *sliceApplier) WriteAt(_ uint64, p []byte, off int64, _ replproto.Flags) error {
 	a.mu.Lock()
 	defer a.mu.Unlock()
 	copy(a.data[off:], p)
 	return nil
 }
-func (a *sliceApplier) Trim(uint64, int64, int64, bool) error              { return nil }
-func (a *sliceApplier) WriteZeroes(uint64, int64, int64, bool, bool) error { return nil }
-func (a *sliceApplier) Flush(uint64) error                                 { return nil }
+func (a *sliceApplier) Trim(uint64, int64, int64, replproto.Flags) error        { return nil }
+func (a *sliceApplier) WriteZeroes(uint64, int64, int64, replproto.Flags) error { return nil }
+func (a *sliceApplier) Flush(uint64) error                                      { return nil }
 
 // TestZeroCopyENOBUFSFallback makes sendmsg(MSG_ZEROCOPY) fail with ENOBUFS
 // (the locked-memory limit) on every other frame's first call, and on the
