@@ -52,6 +52,12 @@ type Config struct {
 	// Metrics is the Prometheus endpoint's address; "" for none.
 	Metrics string
 	Timing  Timing
+	// Throttle is the replication path's recovery throttle at start
+	// (catch-up and re-mirror traffic; see netpath/sock.Throttle); the zero
+	// value throttles nothing. `keel node` starts from DefaultThrottle and
+	// its flags; it can be changed at run time through /v1/throttle on the
+	// metrics address (keel node throttle).
+	Throttle sock.ThrottleConfig
 	// ShutdownTimeout bounds how long in-flight requests may take to finish
 	// when the node stops (default 30 s).
 	ShutdownTimeout time.Duration
@@ -76,6 +82,7 @@ type Node struct {
 	nbd    *nbd.Server
 	repl   *repl.Server
 	app    *applier
+	thr    *sock.Throttle
 
 	primaryL, replL net.Listener
 	metricsL        net.Listener
@@ -125,6 +132,10 @@ func Start(cfg Config) (*Node, error) {
 		cfg.ShutdownTimeout = 30 * time.Second
 	}
 	cfg.Timing = cfg.Timing.withDefaults()
+	thr, err := sock.NewThrottle(cfg.Throttle)
+	if err != nil {
+		return nil, fmt.Errorf("node: %w", err)
+	}
 	log := cfg.Logger
 	if log == nil {
 		log = slog.New(slog.DiscardHandler)
@@ -146,6 +157,7 @@ func Start(cfg Config) (*Node, error) {
 		exported: map[coordapi.VolumeID]bool{},
 		orphans:  map[coordapi.VolumeID]string{},
 		app:      &applier{vols: map[uint64]*replica{}},
+		thr:      thr,
 	}
 	ok := false
 	defer func() {
@@ -155,7 +167,7 @@ func Start(cfg Config) (*Node, error) {
 	}()
 
 	sockM := sock.NewMetrics(reg)
-	var err error
+	registerThrottleMetrics(reg, thr)
 	pcfg := sock.Config{Class: sock.Primary, Iface: cfg.PrimaryIface, Source: sourceIP(cfg.PrimaryListen), Logger: log, Metrics: sockM}
 	rcfg := sock.Config{Class: sock.Replication, Iface: cfg.ReplIface, Source: sourceIP(cfg.ReplListen), UserTimeout: cfg.Timing.FrameTimeout, Logger: log, Metrics: sockM}
 	if n.primaryL, _, err = sock.Listen(context.Background(), pcfg, cfg.PrimaryListen); err != nil {
@@ -207,7 +219,8 @@ func Start(cfg Config) (*Node, error) {
 				Metrics: replM, Logger: log.With("peer", string(id)),
 			})
 		},
-		raise: func(r *replica, e uint64) error { return n.repl.RaiseEpoch(r.num, e) },
+		raise:    func(r *replica, e uint64) error { return n.repl.RaiseEpoch(r.num, e) },
+		throttle: thr,
 	}
 	n.repl = repl.NewServer(repl.ServerConfig{Node: self, Applier: n.app, Metrics: replM, Logger: log})
 	n.nbd = nbd.NewServer(nbd.Config{Logger: log, Metrics: nbd.NewMetrics(reg)})
@@ -236,6 +249,7 @@ func Start(cfg Config) (*Node, error) {
 	if n.metricsL != nil {
 		mux := http.NewServeMux()
 		mux.Handle("/metrics", promhttp.HandlerFor(reg, promhttp.HandlerOpts{}))
+		mux.Handle("/v1/throttle", ThrottleHandler(thr, log))
 		n.metricsSrv = &http.Server{Handler: mux, ReadHeaderTimeout: 5 * time.Second}
 		go n.metricsSrv.Serve(n.metricsL)
 	}
@@ -248,6 +262,32 @@ func Start(cfg Config) (*Node, error) {
 	log.Info("node started", "primary", n.primaryAddr, "replication", n.replAddr,
 		"primary_iface", cfg.PrimaryIface, "repl_iface", cfg.ReplIface, "coord", cfg.Coord, "data_dir", cfg.DataDir)
 	return n, nil
+}
+
+// registerThrottleMetrics exports the recovery throttle's counters.
+func registerThrottleMetrics(reg prometheus.Registerer, t *sock.Throttle) {
+	gauge := func(name, help string, f func(sock.ThrottleStats) float64) prometheus.Collector {
+		return prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: name, Help: help}, func() float64 { return f(t.Stats()) })
+	}
+	counter := func(name, help string, f func(sock.ThrottleStats) float64) prometheus.Collector {
+		return prometheus.NewCounterFunc(prometheus.CounterOpts{Name: name, Help: help}, func() float64 { return f(t.Stats()) })
+	}
+	reg.MustRegister(
+		gauge("keel_node_recovery_rate_bytes_per_second", "Recovery (catch-up, re-mirror) rate the throttle allows now; 0: unlimited.",
+			func(s sock.ThrottleStats) float64 { return float64(s.Effective) }),
+		gauge("keel_node_foreground_rate_bytes_per_second", "Foreground replication rate the throttle last measured.",
+			func(s sock.ThrottleStats) float64 { return float64(s.ForegroundRate) }),
+		counter("keel_node_recovery_throttled_bytes_total", "Recovery bytes that went through the throttle.",
+			func(s sock.ThrottleStats) float64 { return float64(s.RecoveryBytes) }),
+		counter("keel_node_foreground_counted_bytes_total", "Foreground replication payload bytes the throttle counted.",
+			func(s sock.ThrottleStats) float64 { return float64(s.ForegroundBytes) }),
+		counter("keel_node_recovery_throttle_waits_total", "Recovery sends that had to wait for the throttle.",
+			func(s sock.ThrottleStats) float64 { return float64(s.Waits) }),
+		counter("keel_node_recovery_throttle_wait_seconds_total", "Time recovery sends spent waiting for the throttle.",
+			func(s sock.ThrottleStats) float64 { return s.WaitTime.Seconds() }),
+		gauge("keel_node_recovery_throttle_waiting", "Recovery sends waiting for the throttle now.",
+			func(s sock.ThrottleStats) float64 { return float64(s.Waiting) }),
+	)
 }
 
 // sourceIP is the IP of a listen address to bind dialers to: "" for an

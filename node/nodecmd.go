@@ -13,6 +13,7 @@ import (
 	"github.com/spf13/cobra"
 
 	"keel/ctl/coordapi"
+	"keel/netpath/sock"
 )
 
 // NodeCommand is `keel node`: the storage node daemon. Its operator
@@ -21,6 +22,7 @@ import (
 func NodeCommand() *cobra.Command {
 	var cfg Config
 	var id, coord, capacity, logLevel string
+	var throttle func() (sock.ThrottleConfig, error)
 	cmd := &cobra.Command{
 		Use:   "node --id ID --data-dir DIR --coord URL --primary-listen ADDR --repl-listen ADDR",
 		Short: "the storage node daemon, and node administration (list, drain)",
@@ -72,6 +74,10 @@ and marked clean.`,
 				}
 				cfg.Capacity = n
 			}
+			var err error
+			if cfg.Throttle, err = throttle(); err != nil {
+				return err
+			}
 			var level slog.Level
 			if err := level.UnmarshalText([]byte(logLevel)); err != nil {
 				return fmt.Errorf("--log-level %q: use debug, info, warn or error", logLevel)
@@ -101,5 +107,6 @@ and marked clean.`,
 	f.DurationVar(&cfg.Timing.ImpairedAfter, "impaired-after", 5*time.Second, "report a replica impaired when requests make no progress for this long")
 	f.DurationVar(&cfg.ShutdownTimeout, "shutdown-timeout", 30*time.Second, "how long in-flight requests may take to finish after SIGINT/SIGTERM")
 	f.StringVar(&logLevel, "log-level", "info", "debug, info, warn or error")
+	throttle = ThrottleFlags(cmd)
 	return cmd
 }
