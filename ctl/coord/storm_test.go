@@ -191,9 +191,11 @@ func (s *storm) apply(c coord.Command) coord.Result {
 		s.t.Fatal(err)
 	}
 	r := s.m.Apply(c)
-	if c.Op != coord.OpHeartbeat {
-		// Heartbeats are most of the commands; the invariants are checked
-		// after every other command and at the end of every step.
+	refused := r.Grant != nil && !r.Grant.Granted
+	if c.Op != coord.OpHeartbeat && !refused {
+		// Heartbeats and refused slot requests are most of the commands;
+		// the invariants are checked after every other command and at
+		// the end of every step.
 		s.checkInvariants(c.Op)
 	}
 	for _, e := range r.Events {
@@ -212,7 +214,7 @@ func (s *storm) apply(c coord.Command) coord.Result {
 		}
 		return r
 	}
-	if c.Op == coord.OpSync || c.Op == coord.OpTick {
+	if c.Op == coord.OpSync && !refused || c.Op == coord.OpTick {
 		// The only commands that grant slots or place members: the
 		// limits are checked after each.
 		s.checkLimits()
