@@ -3,6 +3,7 @@ package coord_test
 import (
 	"fmt"
 	"math/rand/v2"
+	"strings"
 	"testing"
 	"time"
 
@@ -36,7 +37,7 @@ const (
 	stormVolumes = 200
 	stormVolSize = 1 << 30
 	stormCap     = 48 << 30
-	stormStep    = time.Second
+	stormStep    = 2 * time.Second  // = the heartbeat interval
 	stormCutAt   = 30 * time.Second
 	stormHealAt  = 90 * time.Second
 	stormLimit   = 30 * time.Minute // simulated time to full redundancy, at most
@@ -81,6 +82,7 @@ type storm struct {
 	copiedCatchUp       int64
 	copiedRemirror      int64
 	grants, refused     int
+	reasons             map[string]int // refusals by cause
 	reserveUsedAfterAll bool
 }
 
@@ -88,7 +90,7 @@ func TestStorm(t *testing.T) {
 	cfg := coordapi.DefaultConfig()
 	cfg.Recovery = coordapi.RecoveryConfig{
 		Grace:               coordapi.Duration(2 * time.Minute),
-		MaxRemirrors:        4,
+		MaxRemirrors:        3,
 		MaxRemirrorsPerNode: 1,
 		MaxCatchUpsPerNode:  4,
 		SlotRetry:           coordapi.Duration(2 * time.Second),
@@ -101,7 +103,7 @@ func TestStorm(t *testing.T) {
 		t: t, m: coord.New(cfg), rc: cfg.Recovery, rng: rand.New(rand.NewPCG(2011, 4)), now: base,
 		cut: map[coordapi.NodeID]bool{}, copies: map[stormKey]*stormCopy{},
 		nextTry: map[stormKey]time.Time{}, refusals: map[stormKey]int{}, requests: map[stormKey]int{}, waited: map[stormKey]time.Time{},
-		affected: map[coordapi.VolumeID]bool{},
+		affected: map[coordapi.VolumeID]bool{}, reasons: map[string]int{},
 	}
 	for i := range stormNodes {
 		id := coordapi.NodeID(fmt.Sprintf("n%02d", i))
@@ -121,7 +123,7 @@ func TestStorm(t *testing.T) {
 
 	start := s.now
 	var healed time.Duration
-	for step := 0; ; step++ {
+	for {
 		el := s.now.Sub(start)
 		if el == stormCutAt {
 			for _, id := range group {
@@ -135,7 +137,7 @@ func TestStorm(t *testing.T) {
 				}
 			}
 		}
-		s.step(step)
+		s.step()
 		if el > stormHealAt && s.fullRedundancy() {
 			healed = el
 			break
@@ -157,6 +159,11 @@ func TestStorm(t *testing.T) {
 	if c.Gone == 0 || c.Placed != c.Gone || s.copiedCatchUp == 0 || s.copiedRemirror == 0 {
 		t.Fatalf("the storm did not exercise both catch-up and re-mirror: %+v", c)
 	}
+	for _, cause := range []string{"cluster-wide", "per node", "mass-failure"} {
+		if s.reasons[cause] == 0 {
+			t.Errorf("no slot refused for %q: that limit went untested (refusals %v)", cause, s.reasons)
+		}
+	}
 	if !s.reserveUsedAfterAll {
 		t.Fatal("no node's reserve was used by re-mirrors: the capacity test has no teeth")
 	}
@@ -176,8 +183,8 @@ func TestStorm(t *testing.T) {
 	}
 	t.Logf("storm: %d of %d volumes affected; full redundancy %s after the cut (heal at %s); peak impaired %d (%.1f%%), peak degraded %d; peak concurrent re-mirrors %d (limit %d), catch-ups %d",
 		len(s.affected), stormVolumes, healed-stormCutAt, stormHealAt-stormCutAt, s.peakImpaired, 100*float64(s.peakImpaired)/stormVolumes, s.peakDegraded, s.peakRemirrors, s.rc.MaxRemirrors, s.peakCatchUps)
-	t.Logf("storm: copied %s by catch-up, %s by re-mirror; %d members given up, %d placed; slot requests %d (%d granted, %d refused; at most %d for one copy, bound %d)",
-		coordapi.FormatBytes(s.copiedCatchUp), coordapi.FormatBytes(s.copiedRemirror), c.Gone, c.Placed, total, s.grants, s.refused, maxReq, bound)
+	t.Logf("storm: copied %s by catch-up, %s by re-mirror; %d members given up, %d placed; slot requests %d (%d granted, %d refused %v; at most %d for one copy, bound %d)",
+		coordapi.FormatBytes(s.copiedCatchUp), coordapi.FormatBytes(s.copiedRemirror), c.Gone, c.Placed, total, s.grants, s.refused, s.reasons, maxReq, bound)
 }
 
 func (s *storm) apply(c coord.Command) coord.Result {
@@ -307,12 +314,11 @@ func (s *storm) slotWait(refusals int, retryAfter time.Duration) time.Duration {
 	return max(w, retryAfter+time.Duration(s.rng.Float64()*float64(retryAfter/4)))
 }
 
-func (s *storm) step(step int) {
-	for i, id := range s.nodes {
-		if s.cut[id] || (step+i)%2 != 0 {
-			continue
+func (s *storm) step() {
+	for _, id := range s.nodes {
+		if !s.cut[id] {
+			s.heartbeat(id)
 		}
-		s.heartbeat(id)
 	}
 	s.apply(coord.Command{Op: coord.OpTick})
 	for _, id := range s.nodes {
@@ -406,6 +412,11 @@ func (s *storm) primary(id coordapi.NodeID) {
 				g := r.Grant
 				if !g.Granted {
 					s.refused++
+					for _, cause := range []string{"cluster-wide", "per node", "mass-failure", "no valid lease"} {
+						if strings.Contains(g.Reason, cause) {
+							s.reasons[cause]++
+						}
+					}
 					s.refusals[k]++
 					s.nextTry[k] = s.now.Add(s.slotWait(s.refusals[k], g.RetryAfter.D()))
 					continue
