@@ -37,7 +37,7 @@ const (
 	stormVolumes = 200
 	stormVolSize = 1 << 30
 	stormCap     = 48 << 30
-	stormStep    = 2 * time.Second  // = the heartbeat interval
+	stormStep    = 2 * time.Second // = the heartbeat interval
 	stormCutAt   = 30 * time.Second
 	stormHealAt  = 90 * time.Second
 	stormLimit   = 30 * time.Minute // simulated time to full redundancy, at most
