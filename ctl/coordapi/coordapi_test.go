@@ -2,6 +2,7 @@ package coordapi_test
 
 import (
 	"encoding/json"
+	"errors"
 	"strings"
 	"testing"
 	"time"
@@ -162,4 +163,24 @@ func FuzzDecode(f *testing.F) {
 			t.Fatalf("re-decoding %s: %v", b, err)
 		}
 	})
+}
+
+// A recovery value out of range is a *FieldError naming the field, the
+// value and the range (flags map the field to their own name).
+func TestRecoveryFieldError(t *testing.T) {
+	r := coordapi.DefaultRecovery()
+	if err := r.Validate(); err != nil {
+		t.Fatalf("defaults: %v", err)
+	}
+	r.SlotTTL = 0
+	err := r.Validate()
+	var fe *coordapi.FieldError
+	if !errors.As(err, &fe) || fe.Field != "slot_ttl" || fe.Value != "0s" || err.Error() != "slot_ttl 0s: must be between 1s and 1h0m0s" {
+		t.Fatalf("got %#v (%v)", err, err)
+	}
+	cfg := coordapi.DefaultConfig()
+	cfg.Recovery = r
+	if err := cfg.Validate(); !errors.As(err, &fe) || !strings.HasPrefix(err.Error(), "recovery: slot_ttl") {
+		t.Fatalf("config: %v", err)
+	}
 }
