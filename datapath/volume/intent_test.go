@@ -274,7 +274,7 @@ func (d *crashDev) setOther(b []byte) {
 func TestIntentCrash(t *testing.T) {
 	seed := testSeed(t)
 	rng := rand.New(rand.NewPCG(seed, 7))
-	rounds := 6
+	rounds := 4
 	if testing.Short() {
 		rounds = 2
 	}
