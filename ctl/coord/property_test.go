@@ -135,6 +135,9 @@ type sim struct {
 	nextName   int
 	promotions int
 	leaderChgs int
+	syncs      int // slots granted
+	rejoins    int
+	gone       int // members given up
 	expiries   int
 	maxPrims   int
 }
@@ -205,6 +208,8 @@ func (s *sim) apply(c coord.Command) (coord.Result, error) {
 			s.promotions++
 		case coord.EventLeaseExpired:
 			s.expiries++
+		case coord.EventMemberGone:
+			s.gone++
 		}
 	}
 	if err := s.m.CheckInvariants(); err != nil {
@@ -385,6 +390,38 @@ func (s *sim) chaos() error {
 	case k < 58: // drain or undo
 		_, err := s.apply(coord.Command{Op: coord.OpDrain, Drain: &coord.Drain{Node: n.id, Undo: s.rng.IntN(2) == 0}})
 		return err
+	case k < 68: // a primary (as it believes) copies to an out-of-sync peer: a slot, then the rejoin, either possibly stale
+		if !n.alive {
+			return nil
+		}
+		for _, a := range n.view {
+			if a.Role != coordapi.RolePrimary {
+				continue
+			}
+			for _, p := range a.Peers {
+				if p.InSync {
+					continue
+				}
+				vol, target, epoch := a.Volume, p.Node, a.Epoch
+				if s.rng.IntN(4) == 0 && epoch > 1 {
+					epoch--
+				}
+				if s.lost(n) {
+					return nil
+				}
+				s.at(s.delay(), func() error {
+					r, err := s.apply(coord.Command{Op: coord.OpSync, Sync: &coord.Sync{Volume: string(vol), SyncRequest: coordapi.SyncRequest{Node: n.id, Epoch: epoch, Target: target}}})
+					if err != nil || r.Err != nil || !r.Grant.Granted || s.lost(n) {
+						return err
+					}
+					s.syncs++
+					kind := r.Grant.Kind
+					copyTime := time.Duration(s.rng.Int64N(int64(20 * time.Second)))
+					return s.rejoinLater(n, vol, target, epoch, kind, copyTime)
+				})
+				return nil
+			}
+		}
 	default: // a primary (as it believes) reports a lost secondary, possibly stale
 		if !n.alive {
 			return nil
@@ -420,6 +457,32 @@ func (s *sim) chaos() error {
 			return nil
 		}
 	}
+	return nil
+}
+
+// rejoinLater: n asks for target's rejoin after the copy's time, and
+// merges the answer into its view like a loss report's.
+func (s *sim) rejoinLater(n *simNode, vol coordapi.VolumeID, target coordapi.NodeID, epoch coordapi.Epoch, kind coordapi.SyncKind, d time.Duration) error {
+	gen := n.gen
+	s.at(d, func() error {
+		if n.gen != gen || !n.alive || s.lost(n) {
+			return nil
+		}
+		r, err := s.apply(coord.Command{Op: coord.OpRejoin, Rejoin: &coord.Rejoin{Volume: string(vol), RejoinRequest: coordapi.RejoinRequest{Node: n.id, Epoch: epoch, Target: target, Kind: kind}}})
+		if err != nil || r.Err != nil || s.lost(n) {
+			return err
+		}
+		s.rejoins++
+		as := *r.Assignment
+		s.at(s.delay(), func() error {
+			if cur, ok := n.view[as.Volume]; n.alive && ok && as.Epoch > cur.Epoch {
+				n.view[as.Volume] = as
+				n.maxEpoch[as.Volume] = max(n.maxEpoch[as.Volume], as.Epoch)
+			}
+			return nil
+		})
+		return nil
+	})
 	return nil
 }
 
@@ -509,6 +572,6 @@ func (s *sim) check() error {
 }
 
 func (s *sim) stats() string {
-	return fmt.Sprintf("simulated %v, %d volumes live, %d promotions, %d lease expiries, %d leader changes",
-		s.now.Round(time.Second), len(s.m.Volumes(false)), s.promotions, s.expiries, s.leaderChgs)
+	return fmt.Sprintf("simulated %v, %d volumes live, %d promotions, %d lease expiries, %d leader changes, %d slots, %d rejoins, %d members given up",
+		s.now.Round(time.Second), len(s.m.Volumes(false)), s.promotions, s.expiries, s.leaderChgs, s.syncs, s.rejoins, s.gone)
 }
