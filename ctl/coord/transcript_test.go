@@ -570,7 +570,7 @@ func fmtVolume(v coordapi.Volume) string {
 // checked by DecodeCommand) is refused, not a panic.
 func TestApplyWithoutPayload(t *testing.T) {
 	m := coord.New(coordapi.Config{})
-	for _, op := range []coord.Op{coord.OpConfigure, coord.OpRegister, coord.OpHeartbeat, coord.OpReplicaLoss, coord.OpCreateVolume, coord.OpDeleteVolume, coord.OpDrain, coord.OpSetMember, coord.OpRemoveMember, "bogus"} {
+	for _, op := range []coord.Op{coord.OpConfigure, coord.OpRegister, coord.OpHeartbeat, coord.OpReplicaLoss, coord.OpCreateVolume, coord.OpDeleteVolume, coord.OpDrain, coord.OpSetMember, coord.OpRemoveMember, coord.OpSync, coord.OpRejoin, "bogus"} {
 		if r := m.Apply(coord.Command{Op: op, At: base}); r.Err == nil || r.Err.Code != coordapi.CodeBadRequest {
 			t.Errorf("%s without payload: %v", op, r.Err)
 		}
