@@ -164,6 +164,9 @@ func TestStorm(t *testing.T) {
 			t.Errorf("no slot refused for %q: that limit went untested (refusals %v)", cause, s.reasons)
 		}
 	}
+	if s.peakImpaired == 0 {
+		t.Error("no volume was ever impaired: the cut group should hold both replicas of some")
+	}
 	if !s.reserveUsedAfterAll {
 		t.Fatal("no node's reserve was used by re-mirrors: the capacity test has no teeth")
 	}
@@ -258,6 +261,9 @@ func (s *storm) checkLimits() {
 				perCatchUp[v.Primary]++
 			}
 		}
+	}
+	if listed := len(s.m.Volumes(true)); listed != impaired {
+		s.t.Fatalf("%s: %d volumes impaired, the impaired listing shows %d", s.now.Sub(base), impaired, listed)
 	}
 	if remirrors > s.rc.MaxRemirrors {
 		s.t.Fatalf("%s: %d re-mirrors, limit %d", s.now.Sub(base), remirrors, s.rc.MaxRemirrors)
