@@ -373,6 +373,7 @@ func (n *Node) Close() error {
 		}
 		n.repl.Close()
 		n.x.closePeers()
+		n.x.syncWG.Wait() // stopped above; their frames failed with the Peers
 		for _, r := range vols {
 			n.app.remove(r)
 			if e := r.vol.Close(); e != nil {

@@ -31,7 +31,13 @@
 //     streams to local replicas through applier; one repl.Peer per remote
 //     node this node replicates to, shared by all its volumes;
 //   - a watchdog that recomputes replica health twice per ImpairedAfter and
-//     asks for a heartbeat when it changed.
+//     asks for a heartbeat when it changed;
+//   - as primary of a volume with out-of-sync members, the sync engine
+//     (sync.go): one task per member being brought back (Recovery, below);
+//   - the recovery throttle (netpath/sock.Throttle, Config.Throttle and the
+//     --repl-bandwidth, --repl-floor, --recovery-rate flags), changeable at
+//     run time through GET/PUT /v1/throttle on the metrics address (keel
+//     node throttle).
 //
 // Identifiers: netpath/repl numbers nodes and volumes with uint64. A volume
 // "vol-N" is N (coordapi.ParseVolumeID); a node is NodeNum(id), the FNV-64a
@@ -98,6 +104,15 @@
 //     epoch's in-sync set has acknowledged it (invariant 5). A loss not
 //     settled within LossWait fails the request with EIO.
 //
+// In a degraded view (a member is out of sync at this epoch), step 3 is
+// preceded by recording the request's range in the volume's write-intent
+// bitmap (volume.MarkDirty, durable before it returns; free when the
+// region is marked already), and the frames carry FlagDegraded. A request
+// that finds an in-sync secondary lost records its range too, before the
+// loss is reported, and once the loss is settled sends the request again
+// (degraded) to the secondaries that had acknowledged it, so that their
+// bitmaps hold it as well.
+//
 // FUA travels as the frame's FUA flag (the secondary's write is durable
 // before its ACK); FLUSH is fdatasync here and a FLUSH frame to each
 // in-sync secondary, which the secondary runs after every earlier frame of
@@ -108,11 +123,65 @@
 // Resending is safe because the range lock is still held (no overlapping
 // write can be between the two sends) and the operations are idempotent.
 //
+// # Recovery (invariant 6)
+//
+// The write-intent bitmap. While a member is out of sync, the primary
+// marks every write's regions before issuing it (above), and every in-sync
+// secondary marks the ranges of the FlagDegraded frames it applies
+// (applier.applyFlags): so whichever in-sync replica leads later, its
+// bitmap covers every write the out-of-sync member may lack, a crash at any
+// point included. A secondary clears its bitmap at the first live frame
+// without FlagDegraded; the primary clears its own when it acts on a view
+// with every member in sync.
+//
+// The sync engine (sync.go), primary side. For each member whose
+// assignment Peer is out of sync and live (its node holds a lease), a task:
+//
+//	RequestSync ──refused──▶ wait retry_after + backoff with jitter (capped) ──▶ again
+//	     │granted (catch_up or remirror)
+//	     ▼
+//	attach: the member becomes a catching peer of a new view at the same
+//	epoch, behind the whole-volume range lock (every write in flight done
+//	and marked; every later one sent to it, FlagDegraded, its answer not
+//	counted and its failure only restarting the task)
+//	     ▼
+//	plan: catch_up = the bitmap's dirty regions, taken after the attach;
+//	remirror (or no bitmap) = the whole volume
+//	     ▼
+//	copy each range in chunks of up to 4 MiB: throttle.Wait, range lock,
+//	O_DIRECT read into an iobuf buffer (a range that is all holes or zeroes
+//	goes as a ZEROES frame), WRITE|SYNC frame to the member from that same
+//	buffer, wait for its ACK, unlock; progress in every heartbeat
+//	(ReplicaReport.Syncs: done, total, rate), which keeps the slot
+//	     ▼
+//	FLUSH the member; whole-volume range lock again (no write in flight can
+//	fail on the member now); no live write failed → Rejoin → act on the
+//	answer: the member is in sync at the next epoch
+//
+// A failure (a live write or a copy frame refused, the stream down, the
+// rejoin refused) detaches the member and starts over after a backoff; the
+// coordinator's stale-epoch and similar answers make the task wait for the
+// next assignment, which stops it (another epoch, the member in sync or
+// gone, its node not live) or lets it go on. Stepping down and stopping the
+// node stop every task. While a rejoin's outcome is unknown (a transport
+// error), writes stay behind the range lock and the rejoin is asked again
+// while this node may still act at the epoch: otherwise a write could be
+// acknowledged without a member the coordinator already counts in sync.
+//
+// The secondary side of a returning member is the ordinary one: its node
+// reopens the replica file (the data stays) and applies frames at the
+// current epoch. A replica no longer assigned here is deleted once nothing
+// can need it: the volume is gone, or this node is no longer a member and
+// every member is in sync (re-mirrored elsewhere: the coordinator then
+// releases the space it kept quarantined here); until then the file is
+// kept and checked again every orphanCheck. Files of volumes that are not
+// assigned here at start are treated the same way.
+//
 // # Timing
 //
 // Defaults (Timing, flags of keel node): LossWait 30 s, PeerWait 5 s,
 // FrameTimeout 5 s (repl's frame deadline and the replication sockets'
-// TCP_USER_TIMEOUT: a cut link is noticed within it), ImpairedAfter 2 s.
+// TCP_USER_TIMEOUT: a cut link is noticed within it), ImpairedAfter 5 s.
 // A cut replication link therefore stalls writes for about FrameTimeout
 // plus one coordinator round trip; the volume shows impaired after
 // ImpairedAfter and one heartbeat. The lease itself is the coordinator's
@@ -122,11 +191,16 @@
 // # Locks
 //
 // Node.mu guards the replica map and the latest assignments; the
-// reconciler goroutine alone owns Node.exported and Node.dirty.
-// replica.setMu serialises view changes; replica.lossMu guards the loss
-// queue; replicator.mu the Peer map; applier.mu its volume map. None is
-// held while another is taken, except that a view change (setMu) takes
-// replicator.mu to look up Peers.
+// reconciler goroutine alone owns Node.exported, Node.dirty and the
+// orphan files. replica.setMu serialises view changes; replica.lossMu
+// guards the loss queue; replica.syncMu the sync tasks; replica.markMu
+// orders bitmap marks (shared) against clearing (exclusive);
+// replicator.mu the Peer map; applier.mu its volume map. Order, where
+// more than one is held: the range lock (a request's, or the sync
+// engine's whole-volume barrier) → setMu → syncMu or replicator.mu. A
+// view change (setMu) takes replicator.mu to look up Peers and syncMu to
+// start and stop tasks; nothing waits for a range lock while holding
+// another lock.
 //
 // # keel up
 //
@@ -140,9 +214,12 @@
 //
 // Replicas report durable sequence 0: the coordinator promotes among
 // in-sync members by its other criteria, which is safe because every
-// in-sync member holds every acknowledged write. A write that failed
-// before an acknowledgement may have reached some secondaries and not
-// others; until catch-up (the write-intent bitmap, issue 6) exists, such
-// unacknowledged ranges can differ between replicas after a failover, and a
-// replica that left the in-sync set stays out of it.
+// in-sync member holds every acknowledged write.
+//
+// The bitmap starts covering writes when a member leaves the in-sync set.
+// A secondary that crashes loses the writes it acknowledged but had not
+// yet made durable (no FUA, no FLUSH since); the primary does not record
+// those, so its catch-up does not copy them. A member whose node restarts
+// uncleanly would need those ranges too (tracking the regions written
+// since the last flush and marking them on a loss would close this).
 package node

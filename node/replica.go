@@ -114,6 +114,8 @@ type replicator struct {
 	// copies each range.
 	testBeforeRegion func(off, n int64)
 
+	syncWG sync.WaitGroup // the sync engine's tasks (Node.Close waits for them)
+
 	mu     sync.Mutex // guards peers, lostAt
 	peers  map[coordapi.NodeID]*peer
 	lostAt map[uint64]time.Time // when each peer's last stream failed

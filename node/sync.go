@@ -67,7 +67,6 @@ type syncTask struct {
 	epoch  uint64
 	ctx    context.Context
 	cancel context.CancelFunc
-	done   chan struct{} // closed when run returns
 	log    *slog.Logger
 
 	failMu  sync.Mutex // guards failErr
@@ -113,10 +112,11 @@ func (r *replica) updateSyncs(as coordapi.Assignment) {
 		}
 		ctx, cancel := context.WithCancel(r.x.ctx)
 		t := &syncTask{
-			r: r, target: id, addr: p.ReplAddr, epoch: v.epoch, ctx: ctx, cancel: cancel, done: make(chan struct{}),
+			r: r, target: id, addr: p.ReplAddr, epoch: v.epoch, ctx: ctx, cancel: cancel,
 			log: r.x.log.With("volume", r.id, "target", string(id), "epoch", v.epoch),
 		}
 		r.syncs[id] = t
+		r.x.syncWG.Add(1)
 		go t.run()
 	}
 }
@@ -269,8 +269,8 @@ func (t *syncTask) sleep(d time.Duration) bool {
 // run asks for a slot and copies until the member rejoins or the task is
 // stopped.
 func (t *syncTask) run() {
-	defer close(t.done)
 	r, x := t.r, t.r.x
+	defer x.syncWG.Done()
 	defer func() {
 		r.syncMu.Lock()
 		if r.syncs[t.target] == t {

@@ -88,6 +88,16 @@
 // the stream has no other frame in flight, directly by the worker with one
 // non-blocking write.
 //
+// The Applier gets each write, trim and zeroing with its frame's flags:
+// FUA, no-hole, and the recovery flags (replproto): FlagDegraded (record
+// the range in the write-intent bitmap before applying it; a live frame
+// without it means the volume is fully in sync again) and FlagSync (a
+// catch-up or re-mirror copy). keel_repl_server_applied_bytes_total counts
+// the applied range bytes by class (live, degraded, sync). Copy frames
+// travel on the same stream as live writes and are ordered with them like
+// any other frame, which is what lets a primary copy a range under its
+// range lock while live writes to the member go on.
+//
 // # Locks
 //
 // Peer.mu guards upCh; stream.mu guards the window, the zero-copy ledger,
