@@ -316,6 +316,8 @@ func (m *Machine) renew(at time.Time, n *node, capacity, free int64, reports []c
 			mem = v.member(n.ID)
 		}
 		switch {
+		case v != nil && mem == nil && slices.Contains(v.Quarantine, n.ID):
+			ignored = append(ignored, coordapi.IgnoredReport{Volume: rep.Volume, Reason: "not a member: close this replica (given up; its space stays quarantined until the volume is fully in sync elsewhere)"})
 		case v == nil || mem == nil:
 			ignored = append(ignored, coordapi.IgnoredReport{Volume: rep.Volume, Reason: "not a member: close this replica"})
 		case rep.Epoch < v.Epoch:
