@@ -26,12 +26,14 @@ func main() {
 	}
 	nodeCmd := node.NodeCommand()
 	nodeCmd.AddCommand(cli.NodeAdminCommands()...)
+	nodeCmd.AddCommand(node.ThrottleCommand())
 	root.AddCommand(
 		node.ServeCommand(),
 		nodeCmd,
 		node.UpCommand(),
 		coordsvc.CoordCommand(),
 		cli.VolumeCommand(),
+		cli.ClusterCommand(),
 		bench.Command(),
 	)
 	root.AddCommand(attach.Commands()...)
