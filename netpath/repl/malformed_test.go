@@ -125,6 +125,20 @@ func TestMalformedFramesStayLocal(t *testing.T) {
 			h.Encode(&b)
 			return b[:]
 		}},
+		{"degraded and sync together", "bad_field", func() []byte {
+			h := write
+			h.Flags = replproto.FlagDegraded | replproto.FlagSync
+			var b [replproto.HeaderSize]byte
+			h.Encode(&b)
+			return b[:]
+		}},
+		{"an unknown flag", "bad_field", func() []byte {
+			h := write
+			h.Flags = 1 << 7
+			var b [replproto.HeaderSize]byte
+			h.Encode(&b)
+			return b[:]
+		}},
 		{"reply type from a primary", "unexpected_type", func() []byte {
 			var b [replproto.HeaderSize]byte
 			(&replproto.Header{Type: replproto.TypeAck, Volume: vol, Seq: 1}).Encode(&b)
