@@ -4,6 +4,8 @@ import (
 	"errors"
 	"fmt"
 	"math/rand/v2"
+	"os"
+	"path/filepath"
 	"slices"
 	"sync"
 	"testing"
@@ -190,4 +192,17 @@ func TestRemirrorAfterGrace(t *testing.T) {
 	if p != s {
 		t.Fatalf("replicas differ after the re-mirror: primary %s, %s %s", p[:12], repl, s[:12])
 	}
+	// The given-up node comes back: its replica file is garbage now (the
+	// volume is fully in sync elsewhere) and goes.
+	old := filepath.Join(c.dirs[sec], string(v.ID)+".vol")
+	if _, err := os.Stat(old); err != nil {
+		t.Fatalf("the given-up replica's file before its node restarts: %v", err)
+	}
+	c.startNode(sec)
+	c.eventually("the given-up replica's file removed", 30*time.Second, func() error {
+		if _, err := os.Stat(old); !errors.Is(err, os.ErrNotExist) {
+			return fmt.Errorf("stat %s: %v", old, err)
+		}
+		return nil
+	})
 }
