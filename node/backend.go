@@ -246,6 +246,10 @@ func (r *replica) replicate(o *localOp) error {
 			return err
 		}
 	}
+	var cover uint64
+	if o.kind == opFlush {
+		cover = r.unfl.beginFlush()
+	}
 	rd := roundPool.Get().(*round)
 	defer rd.release()
 	req := o.request(r.num, v.epoch, v.degraded)
@@ -270,7 +274,11 @@ func (r *replica) replicate(o *localOp) error {
 			return err
 		}
 	}
-	return r.settle(o, v, rd, start)
+	err = r.settle(o, v, rd, start)
+	if err == nil && o.kind == opFlush {
+		r.unfl.flushDone(cover)
+	}
+	return err
 }
 
 // settle finishes a request whose local part succeeded and whose frames
@@ -340,6 +348,9 @@ func (r *replica) settle(o *localOp, v *view, rd *round, start time.Time) error 
 					return err
 				}
 			}
+			if err := r.markUnflushed(); err != nil {
+				return err
+			}
 			for i, p := range rd.lostP {
 				r.reportLoss(p, rd.lostErr[i])
 			}
@@ -351,6 +362,11 @@ func (r *replica) settle(o *localOp, v *view, rd *round, start time.Time) error 
 		}
 		if len(rd.lost) > 0 {
 			if err := r.awaitDropped(v, rd.lost, deadline); err != nil {
+				return err
+			}
+			// Again: writes noted while the loss was being settled (the
+			// view is degraded now, so later ones mark themselves).
+			if err := r.markUnflushed(); err != nil {
 				return err
 			}
 			if o.kind != opFlush {
@@ -372,6 +388,19 @@ func (r *replica) settle(o *localOp, v *view, rd *round, start time.Time) error 
 			}
 		}
 		if len(rd.missing) == 0 {
+			if o.kind != opFlush {
+				if !o.fua {
+					r.unfl.note(o.off, o.n)
+				}
+				if nv.degraded && !v.degraded {
+					// Acknowledged everywhere, but a member left meanwhile
+					// (another request's loss): record it like the writes
+					// of the degraded view (free when marked already).
+					if err := r.mark(o.off, o.n); err != nil {
+						return err
+					}
+				}
+			}
 			return nil
 		}
 		if !time.Now().Before(deadline) {

@@ -26,12 +26,20 @@ type secondary struct {
 	mem  *dio.Mem // the device, for an in-memory secondary
 	app  *applier
 	r    *replica
+	srv  *repl.Server
 }
 
 func startSecondary(tb testing.TB, id coordapi.NodeID, vol coordapi.VolumeID, size int64, mem bool) *secondary {
 	tb.Helper()
-	num, _ := volumeNum(vol)
 	v, dev := benchVolume(tb, string(id), size, mem)
+	return serveSecondary(tb, id, vol, v, dev)
+}
+
+// serveSecondary serves v as node id's replica of vol (and closes it at
+// the end of the test).
+func serveSecondary(tb testing.TB, id coordapi.NodeID, vol coordapi.VolumeID, v *volume.Volume, dev *dio.Mem) *secondary {
+	tb.Helper()
+	num, _ := volumeNum(vol)
 	x := &replicator{self: id, m: newMetrics(nil), log: testLogger(tb), ctx: context.Background()}
 	r := newReplica(x, vol, num, "", v.Name(), v)
 	app := &applier{vols: map[uint64]*replica{num: r}}
@@ -45,7 +53,7 @@ func startSecondary(tb testing.TB, id coordapi.NodeID, vol coordapi.VolumeID, si
 		srv.Close()
 		v.Close()
 	})
-	return &secondary{id: id, addr: l.Addr().String(), vol: v, mem: dev, app: app, r: r}
+	return &secondary{id: id, addr: l.Addr().String(), vol: v, mem: dev, app: app, r: r, srv: srv}
 }
 
 // benchVolume is a volume file on the work disk, written once, or with

@@ -109,7 +109,9 @@
 // bitmap (volume.MarkDirty, durable before it returns; free when the
 // region is marked already), and the frames carry FlagDegraded. A request
 // that finds an in-sync secondary lost records its range too, before the
-// loss is reported, and once the loss is settled sends the request again
+// loss is reported (with every region written since the last FLUSH all
+// in-sync secondaries acknowledged: the lost one may not hold those writes
+// durably), and once the loss is settled sends the request again
 // (degraded) to the secondaries that had acknowledged it, so that their
 // bitmaps hold it as well.
 //
@@ -216,10 +218,11 @@
 // in-sync members by its other criteria, which is safe because every
 // in-sync member holds every acknowledged write.
 //
-// The bitmap starts covering writes when a member leaves the in-sync set.
-// A secondary that crashes loses the writes it acknowledged but had not
-// yet made durable (no FUA, no FLUSH since); the primary does not record
-// those, so its catch-up does not copy them. A member whose node restarts
-// uncleanly would need those ranges too (tracking the regions written
-// since the last flush and marking them on a loss would close this).
+// A secondary that loses power loses the writes it acknowledged but had
+// not made durable (no FUA, no FLUSH since). The primary tracks the regions
+// written since the last FLUSH every in-sync secondary acknowledged
+// (unflushed.go) and marks them when it loses a secondary, so that
+// secondary's catch-up copies them. The other secondaries' bitmaps do not
+// get those regions: if the primary is lost too before the catch-up, the
+// member promoted next does not know them (two failures in a row).
 package node

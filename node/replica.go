@@ -295,6 +295,7 @@ type replica struct {
 	bm     bitmap
 	markMu sync.RWMutex
 	marked atomic.Bool
+	unfl   *unflushed // regions written since the last flush (nil without a bitmap)
 
 	syncMu sync.Mutex                    // guards syncs
 	syncs  map[coordapi.NodeID]*syncTask // the running copies, by target (primary only)
@@ -326,6 +327,13 @@ func (r *replica) mark(off, n int64) error {
 	return nil
 }
 
+// markUnflushed records in the bitmap every region written since the last
+// flush every in-sync secondary acknowledged (a lost secondary may not
+// hold those writes durably).
+func (r *replica) markUnflushed() error {
+	return r.unfl.pending(r.mark)
+}
+
 // clearMarks empties the write-intent bitmap: every replica of the volume
 // holds the same data again.
 func (r *replica) clearMarks(why string) {
@@ -355,6 +363,7 @@ func newReplica(x *replicator, id coordapi.VolumeID, num uint64, name, path stri
 	if bm, ok := any(vol).(bitmap); ok {
 		r.bm = bm
 		r.marked.Store(bm.DirtyBytes() > 0)
+		r.unfl = newUnflushed(vol.Size(), bm.RegionSize())
 	}
 	r.cur.Store(&view{epoch: vol.Epoch(), next: make(chan struct{})})
 	return r

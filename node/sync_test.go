@@ -484,7 +484,7 @@ func TestLossMarksBeforeAck(t *testing.T) {
 		t.Fatal(err)
 	}
 	be := &Backend{r: r}
-	if err := be.WriteAt(fill(4096, 1), 0, false); err != nil {
+	if err := be.WriteAt(fill(4096, 1), 0, true); err != nil { // FUA: durable on s2, not to copy
 		t.Fatal(err)
 	}
 	s2.app.remove(s2.r) // s2 refuses: lost
@@ -508,5 +508,63 @@ func TestLossMarksBeforeAck(t *testing.T) {
 	s1.vol.DirtyRegions(func(off, n int64) bool { marked = append(marked, off); return true })
 	if !slices.Equal(marked, []int64{2 << 20}) {
 		t.Fatalf("s1's dirty regions %v, want the write that lost s2 (sent again, degraded)", marked)
+	}
+}
+
+// TestLostSecondaryUnflushedWrites: a secondary loses power: the writes it
+// acknowledged since the last FLUSH (no FUA) are gone from its device. The
+// primary records those regions in its bitmap when it loses the
+// secondary, so the catch-up copies them and the replicas end identical.
+func TestLostSecondaryUnflushedWrites(t *testing.T) {
+	const size = 4 << 20
+	sec := startSecondary(t, "s1", "vol-1", size, true)
+	pvol, _ := memVolume(t, "p", size, 4)
+	t.Cleanup(func() { pvol.Close() })
+	as := coordapi.Assignment{Volume: "vol-1", Size: size, Epoch: 1, Role: coordapi.RolePrimary, InSync: true,
+		Peers: []coordapi.Peer{{Node: "s1", ReplAddr: sec.addr, Role: coordapi.RoleSecondary, InSync: true, Live: true}}}
+	fc := newFakeCoord(as, coordapi.SyncCatchUp)
+	r := testPrimary(t, pvol, fc)
+	if err := r.apply(fc.assignment()); err != nil {
+		t.Fatal(err)
+	}
+	be := &Backend{r: r}
+	if err := be.WriteAt(fill(64<<10, 1), 0, false); err != nil {
+		t.Fatal(err)
+	}
+	if err := be.Flush(); err != nil { // region 0 is durable everywhere
+		t.Fatal(err)
+	}
+	if err := be.WriteAt(fill(64<<10, 2), 1<<20, false); err != nil { // acknowledged, not flushed
+		t.Fatal(err)
+	}
+	// Power failure of the secondary: its device keeps what was synced.
+	crashed := sec.mem.Crash()
+	sec.srv.Close()
+	if err := be.WriteAt(fill(4096, 3), 2<<20, false); err != nil { // finds it lost
+		t.Fatalf("write after the secondary's loss: %v", err)
+	}
+	var marked []int64
+	pvol.DirtyRegions(func(off, n int64) bool { marked = append(marked, off); return true })
+	if !slices.Equal(marked, []int64{1 << 20, 2 << 20}) {
+		t.Fatalf("dirty regions %v: want the unflushed write's and the lost request's", marked)
+	}
+	// It restarts on what the power failure left and is caught up.
+	v2, err := volume.OpenDevice(crashed, volume.Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	sec2 := serveSecondary(t, "s1", "vol-1", v2, crashed)
+	fc.mu.Lock()
+	fc.as.Peers[0].ReplAddr, fc.as.Peers[0].Live = sec2.addr, true
+	fc.as.Epoch++
+	fc.mu.Unlock()
+	if err := r.apply(fc.assignment()); err != nil {
+		t.Fatal(err)
+	}
+	if copied := waitRejoin(t, fc, 30*time.Second); copied != 2*(64<<10) {
+		t.Fatalf("catch-up copied %d bytes, want two 64 KiB regions", copied)
+	}
+	if p, s := volumeSum(t, pvol), volumeSum(t, v2); p != s {
+		t.Fatal("replicas differ after the catch-up: the unflushed write was not copied")
 	}
 }
