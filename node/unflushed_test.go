@@ -25,7 +25,7 @@ func TestUnflushed(t *testing.T) {
 		t.Fatalf("pending %v", got)
 	}
 	c1 := u.beginFlush()
-	u.note(4<<10, 8<<10) // during the flush: regions 1 and 2
+	u.note(4<<10, 6<<10) // during the flush: regions 1 and 2
 	u.flushDone(c1)
 	if got := pendingOf(u); !slices.Equal(got, [][2]int64{{4 << 10, 6 << 10}}) {
 		t.Fatalf("pending after the first flush %v", got)
