@@ -1,6 +1,7 @@
 package dio
 
 import (
+	"runtime"
 	"sync"
 	"sync/atomic"
 	"unsafe"
@@ -63,15 +64,17 @@ const (
 )
 
 // aioReq is one preallocated submission slot. It is owned by the free
-// list, or by the one goroutine that took it from there, or — between a
-// successful io_submit and its completion — by the kernel and the reaper.
+// list, or by the one goroutine that took it from there, or — between its
+// iocb being queued and its completion — by the submitter role, the
+// kernel and the reaper.
 type aioReq struct {
 	cb  iocb
 	res atomic.Int64 // written by the reaper before it signals done; atomic because the
 	// happens-before edge from the submitter to the reaper runs through the
 	// kernel, where the race detector cannot see it
-	done chan struct{}  // capacity 1: the reaper's completion signal
-	keep unsafe.Pointer // the buffer while the kernel holds its address
+	done    chan struct{}  // capacity 1: completion (or refusal) signal
+	refused bool           // set before done is signalled: io_submit refused the iocb, it was not issued
+	keep    unsafe.Pointer // the buffer while the kernel holds its address
 }
 
 // aioEngine is a File's AIO context and its reaper goroutine.
@@ -86,12 +89,18 @@ type aioEngine struct {
 	wbuf  *iobuf.Buf   // its (aligned, empty) buffer
 	reapd chan struct{}
 
+	smu        sync.Mutex // guards sq and submitting
+	sq         []*iocb    // iocbs queued for the next io_submit
+	submitting bool       // a caller holds the submitter role
+	spare      []*iocb    // the other half of sq's double buffer; owned by the submitter role
+
 	stopOnce sync.Once
 	stopping atomic.Bool
 
 	submits   atomic.Int64 // requests completed through AIO
 	fallbacks atomic.Int64 // requests AIO could not take (no slot, io_submit refused)
 	short     atomic.Int64 // completions shorter than asked, finished synchronously
+	calls     atomic.Int64 // io_submit calls that issued at least one iocb
 }
 
 // EnableAIO makes ReadAt and WriteAt use Linux native AIO according to
@@ -122,6 +131,8 @@ func (f *File) EnableAIO(mode AIOMode, depth int) error {
 		free:  make(chan *aioReq, depth),
 		reapd: make(chan struct{}),
 		wbuf:  iobuf.Get(iobuf.Align),
+		sq:    make([]*iocb, 0, depth),
+		spare: make([]*iocb, 0, depth),
 	}
 	for i := range e.reqs {
 		r := &e.reqs[i]
@@ -231,6 +242,12 @@ func (e *aioEngine) begin() *aioReq {
 // its completion. It reports the kernel's result (bytes or -errno) and
 // ok == false if io_submit refused the request, which then was not
 // issued. The slot is back on the free list when submit returns.
+//
+// The iocb is queued; the caller that finds no submitter takes the role
+// and issues everything queued in one io_submit (one block-layer plug and
+// one doorbell for the lot), looping until the queue is empty. When other
+// calls are in progress it first yields once, so that callers already
+// runnable queue their iocbs into the same io_submit.
 func (e *aioEngine) submit(r *aioReq, op uint16, p []byte, off int64, rwFlags uint32) (res int64, ok bool) {
 	r.keep = unsafe.Pointer(&p[0])
 	r.cb.opcode = op
@@ -238,29 +255,74 @@ func (e *aioEngine) submit(r *aioReq, op uint16, p []byte, off int64, rwFlags ui
 	r.cb.buf = uint64(uintptr(r.keep))
 	r.cb.nbytes = uint64(len(p))
 	r.cb.offset = off
-	cbp := uintptr(unsafe.Pointer(&r.cb))
-	for {
-		_, _, en := unix.Syscall(unix.SYS_IO_SUBMIT, e.ctx, 1, uintptr(unsafe.Pointer(&cbp)))
-		if en == 0 {
-			break
+	r.refused = false
+	e.smu.Lock()
+	e.sq = append(e.sq, &r.cb)
+	lead := !e.submitting
+	e.submitting = true
+	e.smu.Unlock()
+	if lead {
+		if e.busy.Load() > 1 {
+			runtime.Gosched()
 		}
-		if en == unix.EINTR {
-			continue
-		}
-		// EAGAIN (no room in the kernel's ring or request queue) or a
-		// refusal of the request itself: the synchronous path serves it
-		// and reports whatever error is real.
-		r.keep = nil
+		e.flush()
+	}
+	<-r.done
+	r.keep = nil
+	if r.refused {
 		e.free <- r
 		e.fallbacks.Add(1)
 		return 0, false
 	}
-	<-r.done
 	res = r.res.Load()
-	r.keep = nil
 	e.free <- r
 	e.submits.Add(1)
 	return res, true
+}
+
+// flush issues the queued iocbs until the queue is empty, then gives up
+// the submitter role. An iocb io_submit refuses is handed back to its
+// caller (refused), which serves it synchronously: EAGAIN (no room in the
+// kernel's queue) refuses the rest of the batch, any other error only the
+// iocb it names.
+// REQUIRES: the submitter role.
+func (e *aioEngine) flush() {
+	for {
+		e.smu.Lock()
+		batch := e.sq
+		if len(batch) == 0 {
+			e.submitting = false
+			e.smu.Unlock()
+			return
+		}
+		e.sq = e.spare[:0]
+		e.smu.Unlock()
+		for i := 0; i < len(batch); {
+			n, _, en := unix.Syscall(unix.SYS_IO_SUBMIT, uintptr(e.ctx), uintptr(len(batch)-i), uintptr(unsafe.Pointer(&batch[i])))
+			switch {
+			case en == unix.EINTR:
+			case en == unix.EAGAIN:
+				for _, cb := range batch[i:] {
+					e.refuse(cb)
+				}
+				i = len(batch)
+			case en != 0:
+				e.refuse(batch[i])
+				i++
+			default:
+				e.calls.Add(1)
+				i += int(n)
+			}
+		}
+		clear(batch)
+		e.spare = batch[:0]
+	}
+}
+
+func (e *aioEngine) refuse(cb *iocb) {
+	r := &e.reqs[cb.data]
+	r.refused = true
+	r.done <- struct{}{}
 }
 
 // readAIO reads p at off through the engine. handled == false means the
@@ -346,4 +408,11 @@ func (e *aioEngine) shortCount() int64 {
 		return 0
 	}
 	return e.short.Load()
+}
+
+func (e *aioEngine) submitCalls() int64 {
+	if e == nil {
+		return 0
+	}
+	return e.calls.Load()
 }

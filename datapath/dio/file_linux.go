@@ -178,6 +178,7 @@ func (f *File) Stats() Stats {
 		AIORequests:      f.aio.requests(),
 		AIOFallbacks:     f.aio.fallbackCount(),
 		AIOShort:         f.aio.shortCount(),
+		AIOSubmitCalls:   f.aio.submitCalls(),
 	}
 }
 
