@@ -368,6 +368,10 @@ func TestCatchingPeerFailure(t *testing.T) {
 	if v := r.view(); len(v.catching) != 1 || !v.degraded {
 		t.Fatalf("view while copying: catching %d, degraded %v", len(v.catching), v.degraded)
 	}
+	// The heartbeat reports the copy (which keeps its slot).
+	if reps := r.syncReports(time.Now()); len(reps) != 1 || reps[0].Target != "s2" || reps[0].Kind != coordapi.SyncRemirror || reps[0].Total != size || reps[0].Done != 0 {
+		t.Fatalf("sync reports while copying: %+v", reps)
+	}
 	// The member's replica goes away: frames to it are refused.
 	s2.app.remove(s2.r)
 	buf := bytes.Repeat([]byte{0x3c}, 64<<10)
