@@ -87,6 +87,9 @@ type syncTask struct {
 // none, and stops the tasks as no longer asks for.
 func (r *replica) updateSyncs(as coordapi.Assignment) {
 	v := r.view()
+	if v.primary && uint64(as.Epoch) < v.epoch {
+		return // an older assignment (a reconcile pass overtaken by a loss or rejoin answer): says nothing
+	}
 	want := map[coordapi.NodeID]coordapi.Peer{}
 	if as.Role == coordapi.RolePrimary && as.InSync && v.primary && v.epoch == uint64(as.Epoch) {
 		for _, p := range as.Peers {
