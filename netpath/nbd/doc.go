@@ -63,6 +63,15 @@
 //	  iobuf buffers (large ones straight     active becomes the writer and sends every
 //	  from the socket)                       queued reply with one writev
 //
+// The goroutine that becomes the writer while other requests are in flight
+// yields once (runtime.Gosched) before writing: the workers whose backend
+// calls have completed and that are already runnable queue their replies
+// meanwhile, and one writev carries them all. At 4 KiB random reads, QD32,
+// that took writev from 0.75 to 0.18 system calls per request and context
+// switches from 1.42 to 0.97 per request (perf stat tracepoints, builds
+// differing only in the yield); IOPS on the loaded machine it was measured
+// on moved within the noise (0.88x to 1.31x across workloads).
+//
 // Measured and rejected: running a READ or WRITE on the reader itself when
 // nothing else was in flight (to save the hand-off at QD1) used less CPU
 // per request but gave 4 KiB random reads at QD1 a p99 several times

@@ -6,6 +6,7 @@ import (
 	"io"
 	"log/slog"
 	"net"
+	"runtime"
 	"runtime/debug"
 	"sync"
 	"sync/atomic"
@@ -637,7 +638,8 @@ func (ss *session) discard(n int) error {
 // queued meanwhile by others) in vectored writes until the queue is empty.
 // So replies go out in completion order, batched under load, and at low
 // load the goroutine that completed a request writes its reply itself
-// without a hand-off.
+// without a hand-off. With other requests in flight the new writer yields
+// once first, so that completed, runnable workers join its writev.
 func (ss *session) finish(r *request) {
 	ss.prepareReply(r)
 	ss.wmu.Lock()
@@ -653,6 +655,15 @@ func (ss *session) finish(r *request) {
 		return
 	}
 	ss.writing = true
+	if ss.inflight.Load() > 1 {
+		// Other requests are in flight: yield once, so that those
+		// already completed and runnable queue their replies into this
+		// writev (one system call and one wakeup of the client for the
+		// lot) instead of each writing its own.
+		ss.wmu.Unlock()
+		runtime.Gosched()
+		ss.wmu.Lock()
+	}
 	for {
 		head := ss.whead
 		ss.whead, ss.wtail = nil, nil
