@@ -741,10 +741,12 @@ func (n *Node) removeIfGarbage(ctx context.Context, id coordapi.VolumeID, path s
 	return true
 }
 
-// watchdog recomputes the replicas' health twice per ImpairedAfter and asks
+// watchdog recomputes the replicas' health twice per ImpairedAfter (at
+// least every second, so that the coordinator hears soon that a volume
+// recovered) and asks
 // for a heartbeat when it changed, so the coordinator's status follows.
 func (n *Node) watchdog(ctx context.Context) {
-	t := time.NewTicker(n.cfg.Timing.ImpairedAfter / 2)
+	t := time.NewTicker(min(n.cfg.Timing.ImpairedAfter/2, time.Second))
 	defer t.Stop()
 	var last []coordapi.VolumeID
 	for {

@@ -30,7 +30,8 @@
 //   - a repl.Server on the replication network, applying other primaries'
 //     streams to local replicas through applier; one repl.Peer per remote
 //     node this node replicates to, shared by all its volumes;
-//   - a watchdog that recomputes replica health twice per ImpairedAfter and
+//   - a watchdog that recomputes replica health twice per ImpairedAfter (at
+//     least every second) and
 //     asks for a heartbeat when it changed;
 //   - as primary of a volume with out-of-sync members, the sync engine
 //     (sync.go): one task per member being brought back (Recovery, below);

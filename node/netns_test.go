@@ -226,8 +226,15 @@ func TestNetnsPathsAndCut(t *testing.T) {
 			t.Fatalf("%s still in sync after its replication link was cut: %+v", cut, s)
 		}
 	}
-	if s.Epoch <= v.Epoch || s.State == coordapi.StateImpaired {
-		t.Fatalf("after the cut: epoch %d (was %d), state %s: %s", s.Epoch, v.Epoch, s.State, s.Reason)
+	// The primary's next health report (its watchdog, then a heartbeat)
+	// takes the volume out of impaired.
+	deadline = time.Now().Add(30 * time.Second)
+	for s.Epoch <= v.Epoch || s.State == coordapi.StateImpaired {
+		if time.Now().After(deadline) {
+			t.Fatalf("after the cut: epoch %d (was %d), state %s: %s", s.Epoch, v.Epoch, s.State, s.Reason)
+		}
+		time.Sleep(100 * time.Millisecond)
+		s = tb.status("nv")
 	}
 	t.Logf("after the cut: epoch %d, %s: %s", s.Epoch, s.State, s.Reason)
 }
