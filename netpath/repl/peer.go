@@ -196,8 +196,9 @@ func (p *Peer) Send(ctx context.Context, req *Request) error {
 }
 
 // Submit sends op.Req to the peer and returns without waiting; op.Done is
-// called exactly once with the outcome (possibly before Submit returns,
-// when the op is refused at once). ctx bounds only the wait for window
+// called exactly once with the outcome, possibly before Submit returns
+// (when the op is refused at once, or when Submit wrote the frame itself
+// and the answer came back first). ctx bounds only the wait for window
 // space. op.Req.Payload is borrowed until Done.
 func (p *Peer) Submit(ctx context.Context, op *Op) {
 	if err := op.Req.check(); err != nil {
@@ -461,13 +462,15 @@ const (
 	zcRetryMax = 5 * time.Millisecond
 )
 
-// maxBatch bounds the frames one writev carries.
+// maxBatch bounds the replies a replica's writer batches (server.go).
 const maxBatch = 64
 
 // stream is one connection to the peer, from handshake to failure. It
-// runs three goroutines: the sender (the only writer of the socket, which
-// also runs the deadline watchdog and the pings), the receiver (ACK, NACK,
-// PONG) and, when MSG_ZEROCOPY is on, the completion reaper.
+// runs three goroutines, four with MSG_ZEROCOPY: the sender, which writes
+// frames when a submitter hands it the writer role (send.go); the
+// watchdog, which fails the stream on a missed deadline and asks for the
+// PINGs; the receiver (ACK, NACK, PONG); and the completion reaper.
+// Submitters write their frames themselves when they can (send.go).
 type stream struct {
 	p     *Peer
 	conn  net.Conn        // frames (and replies, unless split)
@@ -478,12 +481,13 @@ type stream struct {
 	timeout, pingEvery int64 // nanoseconds
 	zcMin              int
 	zcOn               bool
+	direct             bool // submitters may write (rc and raw writev are available)
 
-	queue  chan *Op      // admitted ops in sequence order; capacity = window frames
 	dead   chan struct{} // closed by fail
 	closed chan struct{} // closed by fail once the sockets are closed
 	space  chan struct{} // capacity 1: poked when the window frees
 	zcKick chan struct{} // capacity 1: wakes the reaper
+	kick   chan struct{} // capacity 1: hands the writer role to the sender goroutine
 
 	mu      sync.Mutex // guards following
 	err     error      // the cause of failure; set once
@@ -492,16 +496,23 @@ type stream struct {
 	pingOut bool  // a PING awaits its PONG
 	pingAt  int64 // when the last PING was sent
 	zcWait  int   // answered ops that await only their zero-copy completion
+	pend    []*Op // admitted frames no writer has taken yet, in sequence order
+	pendZC  bool  // pend holds a frame that goes with MSG_ZEROCOPY
+	pingDue bool  // the watchdog asks the writer for a PING
+	writing bool  // a goroutine holds the writer role (send.go)
 
 	wg sync.WaitGroup
 
-	// Sender goroutine only.
-	batch    []*Op
-	payloads [][]byte
-	iov      [][]byte
+	// The writer role's (send.go): only its holder touches these.
+	spare    []*Op    // pend's other buffer
+	payloads [][]byte // the payloads of the frames taken from pend
+	out      [][]byte // bytes taken and not yet written, in wire order
+	iov      [][]byte // a zero-copy frame's rest after ENOBUFS
 	wbufs    net.Buffers
-	ping     [replproto.HeaderSize]byte
-	zsys     zcSys
+	ping     [replproto.HeaderSize]byte // encoded by the watchdog under mu with pingDue
+	raw      rawWriter
+	zsys     zcSys // send half
+	sdone    []*Op
 
 	// Receiver goroutine only.
 	br   *bufio.Reader
@@ -510,8 +521,6 @@ type stream struct {
 
 	// Completion goroutine only.
 	zdone []*Op
-	// Sender goroutine only.
-	sdone []*Op
 }
 
 // newStream takes over conn (frames) and rconn (replies: conn itself
@@ -527,18 +536,22 @@ func newStream(p *Peer, conn, rconn net.Conn, rc syscall.RawConn, zcOn bool) *st
 		timeout:   int64(p.cfg.FrameTimeout),
 		pingEvery: int64(p.cfg.PingInterval),
 		zcMin:     p.cfg.ZeroCopyMin,
-		queue:     make(chan *Op, p.cfg.WindowFrames),
 		dead:      make(chan struct{}),
 		closed:    make(chan struct{}),
 		space:     make(chan struct{}, 1),
 		zcKick:    make(chan struct{}, 1),
+		kick:      make(chan struct{}, 1),
 		win:       newWindow(p.cfg.WindowFrames, p.cfg.WindowBytes),
-		batch:     make([]*Op, 0, maxBatch),
-		payloads:  make([][]byte, 0, maxBatch),
-		iov:       make([][]byte, 0, 2*maxBatch),
+		pend:      make([]*Op, 0, p.cfg.WindowFrames),
+		spare:     make([]*Op, 0, p.cfg.WindowFrames),
+		payloads:  make([][]byte, 0, p.cfg.WindowFrames),
+		out:       make([][]byte, 0, 2*p.cfg.WindowFrames+1),
+		iov:       make([][]byte, 0, 2),
 		br:        bufio.NewReaderSize(rconn, 64<<10),
 	}
 	st.zsys.init()
+	st.raw.init()
+	st.direct = rc != nil && rawWriteSupported
 	return st
 }
 
@@ -547,8 +560,9 @@ func (st *stream) now() int64 { return int64(time.Since(st.base)) }
 // run starts the stream's goroutines and returns the cause of its failure
 // once they have all ended (the socket is closed by then).
 func (st *stream) run() error {
-	st.wg.Add(2)
+	st.wg.Add(3)
 	go st.sendLoop()
+	go st.watchLoop()
 	go st.recvLoop()
 	if st.zcOn {
 		st.wg.Add(1)
@@ -593,6 +607,8 @@ func (st *stream) failAll(err error) {
 	st.mu.Lock()
 	ops := st.win.Drain(nil)
 	st.zc.queue, st.zc.head = nil, 0
+	clear(st.pend) // every op in pend is in the window too
+	st.pend = st.pend[:0]
 	st.mu.Unlock()
 	for _, op := range ops {
 		st.p.m.inflightFrames.Dec()
@@ -601,49 +617,6 @@ func (st *stream) failAll(err error) {
 			op.finish(op.err)
 		} else {
 			op.finish(err)
-		}
-	}
-}
-
-// submit admits op to the window, waiting for space, and queues it for the
-// sender.
-func (st *stream) submit(ctx context.Context, op *Op) {
-	n := 0
-	if op.Req.Type.HasPayload() {
-		n = len(op.Req.Payload)
-		if !op.hasCRC {
-			op.crc, op.hasCRC = replproto.PayloadCRC(op.Req.Payload), true
-		}
-	}
-	op.acked, op.zcPending = false, false
-	for {
-		st.mu.Lock()
-		if st.err != nil {
-			err := st.err
-			st.mu.Unlock()
-			op.finish(&StreamError{Peer: st.p.cfg.Node, Err: err})
-			return
-		}
-		if st.win.fits(n) {
-			st.win.Add(op, n)
-			op.queued = st.now()
-			more := !st.win.Full()
-			st.p.m.inflightFrames.Inc()
-			st.p.m.inflightBytes.Add(float64(n))
-			st.queue <- op // never blocks: the window holds at most cap(queue) ops
-			st.mu.Unlock()
-			if more {
-				st.poke()
-			}
-			return
-		}
-		st.mu.Unlock()
-		select {
-		case <-st.space:
-		case <-st.dead:
-		case <-ctx.Done():
-			op.finish(ctx.Err())
-			return
 		}
 	}
 }
@@ -667,193 +640,6 @@ func (st *stream) finish(op *Op) {
 	st.p.m.inflightBytes.Sub(float64(op.bytes))
 	st.p.m.frame.Observe(float64(st.now()-op.queued) / 1e9)
 	op.finish(op.err)
-}
-
-func (st *stream) sendLoop() {
-	defer st.wg.Done()
-	every := min(st.pingEvery, st.timeout/4)
-	tick := time.NewTicker(time.Duration(max(every, int64(time.Millisecond))))
-	defer tick.Stop()
-	for {
-		select {
-		case op := <-st.queue:
-			if err := st.sendBatch(op); err != nil {
-				st.fail(err)
-				return
-			}
-		case <-tick.C:
-			if err := st.watchdog(); err != nil {
-				st.fail(err)
-				return
-			}
-		case <-st.dead:
-			return
-		}
-	}
-}
-
-// sendBatch writes first and whatever else is queued: small frames
-// together with one writev straight from the callers' buffers, large ones
-// with MSG_ZEROCOPY.
-//
-// The sender reads every op's fields (encoding its header) before the
-// first byte goes out, then passes through st.mu: an ACK can only be
-// handled (under st.mu) after its frame was sent, so this orders the reads
-// before the op's finish, and before its owner reuses it, in the memory
-// model and not only through the network. After that the sender touches an
-// op only through its header array (handed to the kernel) and, for a
-// zero-copy op, under st.mu while its completion is pending.
-func (st *stream) sendBatch(first *Op) error {
-	batch := append(st.batch[:0], first)
-drain:
-	for len(batch) < maxBatch {
-		select {
-		case op := <-st.queue:
-			batch = append(batch, op)
-		default:
-			break drain
-		}
-	}
-	payloads := st.payloads[:0]
-	for _, op := range batch {
-		r := &op.Req
-		h := replproto.Header{Type: r.Type, Flags: r.Flags, Volume: r.Volume, Epoch: r.Epoch,
-			Seq: op.seq, Offset: r.Offset, Length: r.length(), PayloadCRC: op.crc}
-		h.Encode(&op.hdr)
-		var p []byte
-		if r.Type.HasPayload() {
-			p = r.Payload
-		}
-		payloads = append(payloads, p)
-	}
-	//lint:ignore SA2001 the empty critical section is the happens-before edge described above
-	st.mu.Lock()
-	st.mu.Unlock()
-
-	if err := st.conn.SetWriteDeadline(time.Now().Add(time.Duration(st.timeout))); err != nil {
-		return err
-	}
-	iov := st.iov[:0]
-	var frames, wire, payload int
-	for i, op := range batch {
-		p := payloads[i]
-		if st.zcOn && len(p) >= st.zcMin {
-			if len(iov) > 0 {
-				if err := st.writev(iov); err != nil {
-					return err
-				}
-				iov = iov[:0]
-			}
-			if err := st.sendZeroCopy(op, p); err != nil {
-				return err
-			}
-			continue
-		}
-		iov = append(iov, op.hdr[:])
-		if len(p) > 0 {
-			iov = append(iov, p)
-		}
-		frames++
-		wire += replproto.HeaderSize + len(p)
-		payload += len(p)
-	}
-	if len(iov) > 0 {
-		if err := st.writev(iov); err != nil {
-			return err
-		}
-	}
-	clear(batch)
-	clear(payloads)
-	st.batch, st.payloads = batch[:0], payloads[:0]
-	m := st.p.m
-	m.txFrames.Add(float64(frames))
-	m.txBytes.Add(float64(wire))
-	m.payload.Add(float64(payload))
-	m.kernelCopy.Add(float64(payload)) // writev: the kernel copies into socket buffers
-	return nil
-}
-
-// writev writes the buffers with one vectored write (net.Buffers uses
-// writev on a TCP socket), then drops its references to them.
-func (st *stream) writev(iov [][]byte) error {
-	st.wbufs = iov
-	_, err := st.wbufs.WriteTo(st.conn)
-	clear(iov)
-	st.wbufs = nil
-	return err
-}
-
-// sendZeroCopy sends one frame with sendmsg(MSG_ZEROCOPY) and ledgers its
-// ids; on ENOBUFS (locked-memory or option-memory limit) the rest of the
-// frame goes with writev, counted as a fallback.
-func (st *stream) sendZeroCopy(op *Op, p []byte) error {
-	// Pending and ledgered before the first byte can reach the peer: its
-	// ACK, and even its completion, may be processed before this goroutine
-	// runs again.
-	st.mu.Lock()
-	op.zcPending = true
-	entry := st.zc.open(op)
-	st.mu.Unlock()
-
-	m := st.p.m
-	total := replproto.HeaderSize + len(p)
-	ids, off, zcBytes := 0, 0, 0
-	var err error
-	for off < total {
-		var n int
-		if fp := st.p.cfg.zcFailpoint; fp != nil {
-			err = fp(ids)
-		}
-		if err == nil {
-			n, err = st.zsys.sendZeroCopy(st.rc, op.hdr[:], p, off)
-		}
-		if errNoBufs(err) {
-			err = nil
-			m.fallback("enobufs")
-			rest := st.iov[:0]
-			if off < replproto.HeaderSize {
-				rest = append(rest, op.hdr[off:], p)
-			} else {
-				rest = append(rest, p[off-replproto.HeaderSize:])
-			}
-			m.kernelCopy.Add(float64(total - max(off, replproto.HeaderSize)))
-			err = st.writev(rest)
-			break
-		}
-		if err != nil {
-			break
-		}
-		st.zc.next++
-		ids++
-		zcBytes += max(0, min(off+n, total)-max(off, replproto.HeaderSize))
-		off += n
-	}
-	m.zcSends.Add(float64(ids))
-	if err != nil {
-		// The stream fails; failAll finishes the op once the socket is gone.
-		st.mu.Lock()
-		st.zc.close(entry, ids, zcBytes)
-		st.mu.Unlock()
-		return err
-	}
-	m.txFrames.Inc()
-	m.txBytes.Add(float64(total))
-	m.payload.Add(float64(len(p)))
-
-	st.mu.Lock()
-	if !st.zc.close(entry, ids, zcBytes) {
-		op.zcPending = false // nothing went zero-copy
-		if op.acked {
-			st.zcWait--
-			st.freeLocked(op)
-			st.sdone = append(st.sdone, op)
-		}
-	}
-	st.sdone = st.reapLocked(st.sdone) // completions that arrived while the entry was open
-	st.mu.Unlock()
-	st.finishAll(st.sdone)
-	st.sdone = st.sdone[:0]
-	return nil
 }
 
 // reapLocked pops the ledger entries whose ids have all completed, counts
@@ -886,42 +672,6 @@ func (st *stream) finishAll(ops []*Op) {
 		st.finish(op)
 		ops[i] = nil
 	}
-}
-
-// watchdog fails the stream when the oldest frame or a PING has gone
-// unanswered past the frame deadline (a cut link stalls TCP without an
-// error), and sends a PING when one is due.
-func (st *stream) watchdog() error {
-	now := st.now()
-	st.mu.Lock()
-	var oldest int64 = -1
-	if op := st.win.Oldest(); op != nil {
-		oldest = op.queued
-	}
-	pingOut, pingAt := st.pingOut, st.pingAt
-	st.mu.Unlock()
-	if oldest >= 0 && now-oldest > st.timeout {
-		return fmt.Errorf("%w: oldest frame unanswered for %v", ErrTimeout, time.Duration(now-oldest).Round(time.Millisecond))
-	}
-	if pingOut {
-		if now-pingAt > st.timeout {
-			return fmt.Errorf("%w: PING unanswered for %v", ErrTimeout, time.Duration(now-pingAt).Round(time.Millisecond))
-		}
-		return nil
-	}
-	if now-pingAt < st.pingEvery {
-		return nil
-	}
-	st.mu.Lock()
-	st.pingOut, st.pingAt = true, now
-	st.mu.Unlock()
-	h := replproto.Header{Type: replproto.TypePing, Aux: uint64(now)}
-	h.Encode(&st.ping)
-	if err := st.conn.SetWriteDeadline(time.Now().Add(time.Duration(st.timeout))); err != nil {
-		return err
-	}
-	_, err := st.conn.Write(st.ping[:])
-	return err
 }
 
 func (st *stream) recvLoop() {
