@@ -1,14 +1,14 @@
 package dio
 
 import (
-	"errors"
-	"os"
 	"runtime"
 	"sync"
 	"sync/atomic"
 	"unsafe"
 
 	"golang.org/x/sys/unix"
+
+	"keel/datapath/iobuf"
 )
 
 // Linux native AIO (io_setup/io_submit/io_getevents/io_destroy), issued as
@@ -56,15 +56,17 @@ const (
 	iocbCmdPread  = 0
 	iocbCmdPwrite = 1
 
-	// aioBatch is max_nr of one io_getevents (where the ring cannot be
-	// read from user space).
+	// aioBatch is max_nr of one io_getevents: events completed per wakeup
+	// of the reaper.
 	aioBatch = 64
+	// wakeTag marks the zero-length read Close submits to wake the reaper.
+	wakeTag = ^uint64(0)
 )
 
 // aioReq is one preallocated submission slot. It is owned by the free
 // list, or by the one goroutine that took it from there, or — between its
-// iocb being queued and its completion — by the submitter role, the kernel
-// and the reaper.
+// iocb being queued and its completion — by the submitter role, the
+// kernel and the reaper.
 type aioReq struct {
 	cb  iocb
 	res atomic.Int64 // written by the reaper before it signals done; atomic because the
@@ -75,33 +77,17 @@ type aioReq struct {
 	keep    unsafe.Pointer // the buffer while the kernel holds its address
 }
 
-// aioRing is the header of the completion ring the kernel maps at the
-// context's address (struct aio_ring in fs/aio.c); io_event entries follow
-// at hdrLen. The kernel writes events at tail and advances it; whoever
-// reaps reads from head and advances head (io_getevents does the same).
-type aioRing struct {
-	id, nr, head, tail              uint32
-	magic, compat, incompat, hdrLen uint32
-}
-
-const (
-	aioRingMagic = 0xa10a10a1
-	// iocbFlagResfd: signal the eventfd in aio_resfd on completion.
-	iocbFlagResfd = 1
-)
-
 // aioEngine is a File's AIO context and its reaper goroutine.
 type aioEngine struct {
-	ctx   unsafe.Pointer // aio_context_t: the address of the kernel's aioRing
+	ctx   uintptr
 	fd    int
 	mode  AIOMode
 	reqs  []aioReq
 	free  chan *aioReq // slots not in use; capacity len(reqs)
-	busy  atomic.Int32 // ReadAt/WriteAt calls in progress
-	efd   *os.File     // eventfd every iocb signals; the reaper reads it through Go's poller
+	busy  atomic.Int32 // ReadAt/WriteAt calls in progress (AIOConcurrent)
+	wake  aioReq       // the zero-length read that wakes the reaper at Close
+	wbuf  *iobuf.Buf   // its (aligned, empty) buffer
 	reapd chan struct{}
-
-	ringOK atomic.Bool // the ring is the layout reapRing knows; else io_getevents reaps (atomic: tests clear it)
 
 	smu        sync.Mutex // guards sq and submitting
 	sq         []*iocb    // iocbs queued for the next io_submit
@@ -121,9 +107,9 @@ type aioEngine struct {
 // mode, with up to depth requests submitted at once (more take the
 // synchronous path for the excess). It must be called before the File is
 // shared. If the kernel refuses an AIO context (io_setup: aio-max-nr
-// reached, ENOSYS) or an eventfd, the File stays synchronous,
-// Stats().AIOSetupFailures counts it, and the *Error is returned for the
-// caller to log; the File remains fully usable.
+// reached, ENOSYS), the File stays synchronous, Stats().AIOSetupFailures
+// counts it, and the *Error is returned for the caller to log; the File
+// remains fully usable.
 func (f *File) EnableAIO(mode AIOMode, depth int) error {
 	if mode == AIODefault {
 		mode = DefaultAIO
@@ -134,14 +120,8 @@ func (f *File) EnableAIO(mode AIOMode, depth int) error {
 	if depth <= 0 {
 		depth = 128
 	}
-	efd, err := unix.Eventfd(0, unix.EFD_NONBLOCK|unix.EFD_CLOEXEC)
-	if err != nil {
-		f.aioSetupFailures.Add(1)
-		return &Error{Op: "eventfd", Path: f.path, Off: -1, Len: -1, Err: asErrno(err)}
-	}
-	var ctx unsafe.Pointer
-	if _, _, en := unix.Syscall(unix.SYS_IO_SETUP, uintptr(depth), uintptr(unsafe.Pointer(&ctx)), 0); en != 0 {
-		unix.Close(efd)
+	var ctx uintptr
+	if _, _, en := unix.Syscall(unix.SYS_IO_SETUP, uintptr(depth+1), uintptr(unsafe.Pointer(&ctx)), 0); en != 0 {
 		f.aioSetupFailures.Add(1)
 		return &Error{Op: "io_setup", Path: f.path, Off: -1, Len: -1, Err: en}
 	}
@@ -150,19 +130,15 @@ func (f *File) EnableAIO(mode AIOMode, depth int) error {
 		reqs:  make([]aioReq, depth),
 		free:  make(chan *aioReq, depth),
 		reapd: make(chan struct{}),
-		efd:   os.NewFile(uintptr(efd), "aio-eventfd"), // non-blocking: served by the poller
+		wbuf:  iobuf.Get(iobuf.Align),
 		sq:    make([]*iocb, 0, depth),
 		spare: make([]*iocb, 0, depth),
 	}
-	ring := (*aioRing)(ctx)
-	e.ringOK.Store(ring.magic == aioRingMagic && ring.incompat == 0 && ring.hdrLen >= uint32(unsafe.Sizeof(aioRing{})))
 	for i := range e.reqs {
 		r := &e.reqs[i]
 		r.done = make(chan struct{}, 1)
 		r.cb.data = uint64(i)
 		r.cb.fildes = uint32(f.fd)
-		r.cb.flags = iocbFlagResfd
-		r.cb.resfd = uint32(efd)
 		e.free <- r
 	}
 	go e.reap()
@@ -178,84 +154,67 @@ func (f *File) AIO() AIOMode {
 	return f.aio.mode
 }
 
-// reap waits on the eventfd (in Go's poller: no thread blocks, and the
-// wakeup shares the epoll_wait that serves the sockets), then completes
-// every event in the ring. It ends when stop closes the eventfd, and then
-// destroys the context: nothing else touches it once the reaper owns its
-// end.
+// reap completes events until Close's wake read arrives, then destroys the
+// context: nothing else touches it once the reaper owns its end.
 func (e *aioEngine) reap() {
 	defer close(e.reapd)
-	defer unix.Syscall(unix.SYS_IO_DESTROY, uintptr(e.ctx), 0, 0)
-	var cnt [8]byte
 	var evs [aioBatch]ioEvent
 	for {
-		if _, err := e.efd.Read(cnt[:]); err != nil {
-			if errors.Is(err, os.ErrClosed) {
-				return
-			}
-			// EAGAIN cannot reach here (the poller waits it out); any
-			// other error is a broken eventfd: reap what is there.
-		}
-		if e.ringOK.Load() {
-			e.reapRing()
-			continue
-		}
-		for {
-			var ts unix.Timespec
-			n, _, en := unix.Syscall6(unix.SYS_IO_GETEVENTS, uintptr(e.ctx), 0, aioBatch, uintptr(unsafe.Pointer(&evs[0])), uintptr(unsafe.Pointer(&ts)), 0)
+		n, _, en := unix.Syscall6(unix.SYS_IO_GETEVENTS, e.ctx, 1, aioBatch, uintptr(unsafe.Pointer(&evs[0])), 0, 0)
+		if en != 0 {
 			if en == unix.EINTR {
 				continue
 			}
-			if en != 0 || n == 0 {
-				break
-			}
-			for i := range int(n) {
-				e.complete(&evs[i])
-			}
-		}
-	}
-}
-
-// reapRing completes the events in the ring from user space, as
-// io_getevents would, without a system call: read tail, complete the
-// entries from head, publish the new head.
-func (e *aioEngine) reapRing() {
-	ring := (*aioRing)(e.ctx)
-	head := atomic.LoadUint32(&ring.head)
-	for {
-		tail := atomic.LoadUint32(&ring.tail)
-		if head == tail {
+			// The context is gone (Close destroyed it because the wake
+			// read could not be submitted): nothing is in flight.
 			return
 		}
-		nr := ring.nr
-		for head != tail {
-			ev := (*ioEvent)(unsafe.Add(e.ctx, uintptr(ring.hdrLen)+uintptr(head)*unsafe.Sizeof(ioEvent{})))
-			e.complete(ev)
-			head++
-			if head >= nr {
-				head = 0
+		woken := false
+		for i := range int(n) {
+			ev := &evs[i]
+			if ev.data == wakeTag {
+				woken = true
+				continue
 			}
+			r := &e.reqs[ev.data]
+			r.res.Store(ev.res)
+			r.done <- struct{}{}
 		}
-		atomic.StoreUint32(&ring.head, head)
+		if woken {
+			unix.Syscall(unix.SYS_IO_DESTROY, e.ctx, 0, 0)
+			return
+		}
 	}
 }
 
-func (e *aioEngine) complete(ev *ioEvent) {
-	r := &e.reqs[ev.data]
-	r.res.Store(ev.res)
-	r.done <- struct{}{}
-}
-
-// stop waits until no request is submitted, then closes the eventfd, which
-// ends the reaper, and waits for it to destroy the context.
+// stop waits until no request is submitted, wakes the reaper, and waits
+// for it to destroy the context.
 func (e *aioEngine) stop() {
 	e.stopOnce.Do(func() {
 		e.stopping.Store(true)
 		for range len(e.reqs) { // every slot back: nothing in flight
 			<-e.free
 		}
-		e.efd.Close()
+		w := &e.wake.cb
+		w.data = wakeTag
+		w.fildes = uint32(e.fd)
+		w.opcode = iocbCmdPread
+		w.buf = uint64(uintptr(unsafe.Pointer(&e.wbuf.Bytes()[0])))
+		p := uintptr(unsafe.Pointer(w))
+		for {
+			_, _, en := unix.Syscall(unix.SYS_IO_SUBMIT, e.ctx, 1, uintptr(unsafe.Pointer(&p)))
+			if en == unix.EINTR || en == unix.EAGAIN {
+				continue
+			}
+			if en != 0 {
+				// Destroying the context makes the waiting io_getevents
+				// return EINVAL.
+				unix.Syscall(unix.SYS_IO_DESTROY, e.ctx, 0, 0)
+			}
+			break
+		}
 		<-e.reapd
+		e.wbuf.Release()
 	})
 }
 

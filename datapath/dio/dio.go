@@ -60,35 +60,22 @@
 // When other calls are in progress it first yields once (runtime.Gosched),
 // so that callers already runnable join the same io_submit: one block-layer
 // plug and one doorbell (a virtio notify, a VM exit on this machine) for
-// the batch instead of one per request. Every iocb carries
-// IOCB_FLAG_RESFD: its completion signals an eventfd, which one reaper
-// goroutine reads through Go's poller, so no thread blocks in io_getevents
-// and the wakeup shares the epoll_wait that serves the sockets. The reaper
-// then takes the completed events straight from the kernel's completion
-// ring, mapped at the context's address, without a system call (where the
-// ring's header is not the layout known, io_getevents with a zero timeout
-// reaps instead), and wakes their callers:
+// the batch instead of one per request. One reaper goroutine blocks in
+// io_getevents (min_nr 1, max_nr 64) and wakes the callers of every event
+// it gets:
 //
 //	caller goroutines                        reaper goroutine
-//	 take a slot from free (none: pread)      read(eventfd) in the poller ──┐
-//	 fill its iocb, queue it                                                │
-//	 submitter: io_submit(every queued) ─ kernel ─► ring event + eventfd ◄──┘
-//	 <-slot.done  ◄───────────────────────────  ring[head, tail): slot.res = res;
-//	 put the slot back on free                   slot.done <- {}; head = tail
+//	 take a slot from free (none: pread)      io_getevents(ctx, 1, 64) ──┐
+//	 fill its iocb, queue it                                             │
+//	 submitter: io_submit(every queued) ─ kernel ─► event{data: slot} ◄──┘
+//	 <-slot.done  ◄───────────────────────────  slot.res = res; slot.done <- {}
+//	 put the slot back on free
 //
-//	completion ring at the aio_context_t address (struct aio_ring, fs/aio.c):
-//	 0 id  4 nr  8 head  12 tail  16 magic 0xa10a10a1  20 compat_features
-//	 24 incompat_features (0)  28 header_length; then io_event[nr], 32 bytes each.
-//	 The kernel fills at tail and advances it; the reaper consumes at head and
-//	 publishes the new head (io_getevents, unused here, would do the same).
-//
-// Why not a reaper blocked in io_getevents (the first version): a goroutine
-// in a blocking system call keeps its P until sysmon takes it back, which
-// can be milliseconds. With GOMAXPROCS=1 (what Go picks in a one-CPU
-// container) 4 KiB random reads at QD1 fell to 0.47x the IOPS with a p50 of
-// 330 µs; the poller reaper gave 1.03x there, and 1.34x at QD32, in the same
-// run. With two Ps the two reapers measured the same (it costs one more
-// eventfd read per wakeup at QD1).
+// Measured and rejected: completing through an eventfd (IOCB_FLAG_RESFD)
+// read in Go's poller, with the events taken from the kernel's completion
+// ring in user space. No thread then blocks in io_getevents, but each
+// wakeup cost two eventfd reads, and at queue depth 1 it made 16 system
+// calls per NBD request against 13.5, for no measurable gain at depth.
 //
 // A FUA write carries RWF_DSYNC in the iocb's aio_rw_flags (Linux 4.13).
 // Slots are preallocated (EnableAIO's depth): the steady state allocates
@@ -100,21 +87,17 @@
 // completions. An iocb io_submit refuses goes back to its own caller
 // (EAGAIN refuses the rest of the batch too). A negative result is the
 // request's *Error (op "aio pread", "aio pwrite") with that errno. If
-// io_setup or eventfd fails (aio-max-nr reached, ENOSYS) the File stays
-// synchronous and Stats counts it.
-//
-// AIOConcurrent uses AIO only while another request is in progress on the
-// File: a lone request has lower latency as a plain pread, since it needs
-// no wakeup of another goroutine. That signal feeds back on itself at
-// depth, though: a blocking pread holds its P, so the next caller runs
-// alone too; with a variant that went synchronous after three lone calls
-// in a row, 4 KiB random writes at QD32 through keel serve were 79%
-// synchronous. The queue depth that should choose is the client's
-// (netpath/nbd's requests in flight), which dio cannot see.
-//
-// Close waits for every slot to come back, then closes the eventfd, which
-// ends the reaper; the reaper destroys the context as it ends, so that
-// nothing uses the context after io_destroy.
+// io_setup fails (aio-max-nr reached, ENOSYS) the File stays synchronous
+// and Stats counts it. AIOConcurrent uses AIO only while another request
+// is in progress on the File: a lone request has lower latency as a plain
+// pread, since it needs no wakeup of another goroutine. That signal feeds
+// back on itself at depth, though: a blocking pread holds its P, so the
+// next caller runs alone too; with a variant that went synchronous after
+// three lone calls in a row, 4 KiB random writes at QD32 through keel serve
+// were 79% synchronous. The queue depth that should choose is the
+// client's (netpath/nbd's requests in flight), which dio cannot see. Close waits for every slot to come back, then
+// submits a zero-length read whose completion tells the reaper to destroy
+// the context and end, so that nothing uses the context after io_destroy.
 //
 // Buffers handed to the kernel are Go heap memory (iobuf), which the
 // garbage collector does not move; a slot keeps the buffer's pointer
