@@ -94,16 +94,20 @@
 // (EAGAIN refuses the rest of the batch too). A negative result is the
 // request's *Error (op "aio pread", "aio pwrite") with that errno. If
 // io_setup fails (aio-max-nr reached, ENOSYS) the File stays synchronous
-// and Stats counts it. AIOConcurrent uses AIO only while another request
-// is in progress on the File: a lone request has lower latency as a plain
-// pread, since it needs no wakeup of another goroutine. That signal feeds
-// back on itself at depth, though: a blocking pread holds its P, so the
-// next caller runs alone too; with a variant that went synchronous after
-// three lone calls in a row, 4 KiB random writes at QD32 through keel serve
-// were 79% synchronous. The queue depth that should choose is the
-// client's (netpath/nbd's requests in flight), which dio cannot see. Close waits for every slot to come back, then
-// submits a zero-length read whose completion tells the reaper to destroy
-// the context and end, so that nothing uses the context after io_destroy.
+// and Stats counts it.
+//
+// AIOConcurrent uses AIO only while another request is in progress on the
+// File: a lone request has lower latency as a plain pread, since it needs
+// no wakeup of another goroutine. That signal feeds back on itself at
+// depth, though: a blocking pread holds its P, so the next caller runs
+// alone too; with a variant that went synchronous after three lone calls
+// in a row, 4 KiB random writes at QD32 through keel serve were 79%
+// synchronous. The queue depth that should choose is the client's
+// (netpath/nbd's requests in flight), which dio cannot see.
+//
+// Close waits for every slot to come back, then submits a zero-length read
+// whose completion tells the reaper to destroy the context and end, so
+// that nothing uses the context after io_destroy.
 //
 // Buffers handed to the kernel are Go heap memory (iobuf), which the
 // garbage collector does not move; a slot keeps the buffer's pointer
