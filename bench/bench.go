@@ -41,6 +41,7 @@ func fioCommand() *cobra.Command {
 		peers     string
 		workloads string
 		markdown  string
+		variants  []string
 		quiet     bool
 	)
 	cmd := &cobra.Command{
@@ -74,6 +75,13 @@ Missing peers are skipped; install them with ` + "`make bench-deps`" + `.`,
 			cfg.Targets = splitList(peers)
 			cfg.Workloads = splitList(workloads)
 			cfg.KeelBin = keelBin(cfg.KeelBin)
+			for _, s := range variants {
+				v, err := fio.ParseKeelVariant(s)
+				if err != nil {
+					return err
+				}
+				cfg.KeelVariants = append(cfg.KeelVariants, v)
+			}
 			cfg.Command = os.Args
 			cfg.Stdout = cmd.OutOrStdout()
 			cfg.Logger = logger(cmd, quiet)
@@ -97,6 +105,7 @@ Missing peers are skipped; install them with ` + "`make bench-deps`" + `.`,
 	f.BoolVar(&cfg.Unix, "unix", false, "serve NBD on Unix sockets instead of loopback TCP")
 	f.StringVar(&cfg.Out, "out", "bench/results", "directory for latest.json, latest.svg and latest.md (empty: write none)")
 	f.StringVar(&cfg.KeelBin, "keel-bin", "", "keel binary serving the keel target (default: this executable)")
+	f.StringArrayVar(&variants, "keel-variant", nil, "NAME=/path/to/keel[:ENV=VAL,...]: one more keel build (and environment) run as target NAME right after keel, alternating like every target (repeatable)")
 	f.StringVar(&cfg.FioBin, "fio", "fio", "fio binary")
 	f.StringVar(&markdown, "markdown", "", "print the Markdown table of an existing report (e.g. bench/results/latest.json) and exit")
 	f.BoolVarP(&quiet, "quiet", "q", false, "log no progress to stderr, only failures")

@@ -103,7 +103,7 @@ func qd1Checks(r *Report) []Check {
 	name := w + " p50 ≤ best peer's p50"
 	best, bestName := 0.0, ""
 	for _, m := range r.Medians {
-		if m.Workload == w && isPeer(m.Target) && m.Figures.Read.Latency.P50 > 0 &&
+		if m.Workload == w && r.isPeer(m.Target) && m.Figures.Read.Latency.P50 > 0 &&
 			(bestName == "" || m.Figures.Read.Latency.P50 < best) {
 			best, bestName = m.Figures.Read.Latency.P50, m.Target
 		}

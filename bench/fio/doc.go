@@ -33,6 +33,15 @@
 // install it (`make bench-deps`); a target that fails is recorded in
 // Report.Errors and the suite goes on.
 //
+// # Keel variants
+//
+// Config.KeelVariants (`--keel-variant NAME=/path/to/keel[:ENV=VAL,...]`,
+// repeatable) adds keel builds as targets of their own, right after keel,
+// each started like keel from its binary with the environment items added,
+// and labelled NAME everywhere. They alternate rep by rep like every target,
+// so that an A/B of two builds meets the same machine state. A variant is
+// nobody's "best peer", and the target checks judge "keel" only.
+//
 // # Durability modes
 //
 // Every target is labelled with when it acknowledges a write: "direct"

@@ -165,6 +165,9 @@ func checkNotTmpfs(dir string) error {
 
 // programVersion asks a target's program for its version.
 func programVersion(t Target, program string) string {
+	if t.variant {
+		return program
+	}
 	switch t.Name {
 	case "raw":
 		return ""

@@ -52,6 +52,9 @@ func startServer(ctx context.Context, l launch, logPath string) (*server, error)
 	cmd := exec.Command(l.argv[0], l.argv[1:]...)
 	cmd.Stdout = logf
 	cmd.Stderr = logf
+	if len(l.env) > 0 {
+		cmd.Env = append(os.Environ(), l.env...)
+	}
 	// Kill the server if the harness dies; a daemon escapes this, and
 	// stop() reaches it through its pid file.
 	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}

@@ -48,6 +48,9 @@ type TargetInfo struct {
 	Version string `json:"version,omitempty"`
 	// Command is the server's command line of the first rep.
 	Command []string `json:"command,omitempty"`
+	// KeelVariant: a keel build under its own name (--keel-variant), not
+	// a peer.
+	KeelVariant bool `json:"keel_variant,omitempty"`
 }
 
 // RunRecord is one fio run.
@@ -134,7 +137,7 @@ func (r *Report) summarise(targets []Target, workloads []Workload) {
 		}
 		best := -1.0
 		for _, o := range r.Medians {
-			if o.Workload != m.Workload || o.Mode != m.Mode || o.Target == m.Target || !isPeer(o.Target) {
+			if o.Workload != m.Workload || o.Mode != m.Mode || o.Target == m.Target || !r.isPeer(o.Target) {
 				continue
 			}
 			if o.Figures.IOPS() > best {
@@ -147,8 +150,19 @@ func (r *Report) summarise(targets []Target, workloads []Workload) {
 	}
 }
 
-// isPeer: a server keel is compared with.
-func isPeer(target string) bool { return target != "raw" && target != "keel" }
+// isPeer: a server keel is compared with (not raw, not keel or a keel
+// variant).
+func (r *Report) isPeer(target string) bool {
+	if target == "raw" || target == "keel" {
+		return false
+	}
+	for _, t := range r.Targets {
+		if t.Name == target && t.KeelVariant {
+			return false
+		}
+	}
+	return true
+}
 
 func (r *Report) median(target, workload string) (Median, bool) {
 	for _, m := range r.Medians {

@@ -41,6 +41,9 @@ type Config struct {
 	Out string
 	// KeelBin is the keel binary that serves the keel target.
 	KeelBin string
+	// KeelVariants are more keel builds, each run as a target of its own
+	// right after keel (see KeelVariant).
+	KeelVariants []KeelVariant
 	// FioBin is the fio binary; default "fio" from PATH.
 	FioBin string
 	// StartTimeout bounds a server's start; StopTimeout its SIGTERM
@@ -160,6 +163,11 @@ func Run(ctx context.Context, cfg Config) (*Report, error) {
 	if err != nil {
 		return nil, err
 	}
+	targets, vskips, err := addVariants(targets, cfg.Targets, cfg.KeelVariants, fioNBD)
+	if err != nil {
+		return nil, err
+	}
+	skips = append(skips, vskips...)
 	programs := map[string]string{}
 	var ready []Target
 	for _, t := range targets {
@@ -189,7 +197,7 @@ func Run(ctx context.Context, cfg Config) (*Report, error) {
 		r.Settings.Transport = "unix"
 	}
 	for _, t := range targets {
-		r.Targets = append(r.Targets, TargetInfo{Name: t.Name, Mode: t.Mode, Note: t.Note})
+		r.Targets = append(r.Targets, TargetInfo{Name: t.Name, Mode: t.Mode, Note: t.Note, KeelVariant: t.variant})
 		if v := programVersion(t, programs[t.Name]); v != "" {
 			r.Env.Versions[t.Name] = v
 		}
@@ -246,6 +254,8 @@ func (c *Config) program(ctx context.Context, t Target, scratch string) (string,
 	switch {
 	case t.Raw():
 		return "", nil
+	case t.variant:
+		return t.program, nil
 	case t.Name == "keel":
 		return c.KeelBin, nil
 	case t.Name == "go-nbd":

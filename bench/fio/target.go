@@ -41,6 +41,10 @@ type Target struct {
 	createsFile bool
 	// launch builds the server's command line; nil for raw.
 	launch func(l launchSpec) launch
+	// variant: a keel build run under its own name (KeelVariant), from
+	// program; not a peer.
+	variant bool
+	program string
 }
 
 // Raw reports whether the target is the disk itself rather than a server.
@@ -64,6 +68,8 @@ type launch struct {
 	pidFile string
 	// files are written before the start (path → contents).
 	files map[string]string
+	// env is added to the harness's environment for the server.
+	env []string
 }
 
 // exportName is the export every server is told to offer and fio asks for.
