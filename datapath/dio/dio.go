@@ -11,6 +11,7 @@
 //	OffsetAlign() int                              offset and length alignment O_DIRECT needs
 //	ReadAt(p, off) error                           all of p, or an error
 //	WriteAt(p, off, fua) error                     all of p; fua: durable before return
+//	ReadAtSync(p, off), WriteAtSync(p, off, fua)   the same, never through AIO
 //	Sync() error                                   fdatasync: every completed write durable
 //	PunchHole(off, n, fallback) (fast, error)      deallocate; reads return zeroes
 //	ZeroRange(off, n, fallback) (fast, error)      zero, keeping the blocks allocated
@@ -113,6 +114,17 @@
 // garbage collector does not move; a slot keeps the buffer's pointer
 // while the kernel holds its address, so it cannot be freed early either.
 //
+// # Synchronous on request
+//
+// ReadAtSync and WriteAtSync are ReadAt and WriteAt with a blocking
+// pread/pwrite(v2) on the calling thread whatever the AIO mode (same
+// alignment rules, same results, FUA as RWF_DSYNC or write + fdatasync).
+// They are for a caller that knows the request is alone: netpath/nbd calls
+// them (through datapath/volume) when a request is the only one in flight on
+// its connection, which is the client's queue depth, not the File's. That
+// is the choice AIOConcurrent could not make from inside dio. Stats counts
+// them (SyncRequests). Mem has both, as its ReadAt and WriteAt.
+//
 // # Errors
 //
 // Every failure is an *Error carrying the operation, the path, the range and
@@ -185,6 +197,9 @@ type Stats struct {
 	// AIOSubmitCalls: io_submit calls that issued requests; below
 	// AIORequests when several requests went in one call.
 	AIOSubmitCalls int64
+	// SyncRequests: ReadAtSync and WriteAtSync calls (synchronous on the
+	// caller's request, whatever the AIO mode).
+	SyncRequests int64
 }
 
 // zeroChunk is the largest write the written-zeroes fallback issues.

@@ -39,6 +39,8 @@ type File struct {
 	// the File is shared, read-only afterwards.
 	aio              *aioEngine
 	aioSetupFailures atomic.Int64
+
+	syncRequests atomic.Int64 // ReadAtSync/WriteAtSync calls
 }
 
 // Open opens an existing file or block device for direct I/O and probes its
@@ -179,6 +181,7 @@ func (f *File) Stats() Stats {
 		AIOFallbacks:     f.aio.fallbackCount(),
 		AIOShort:         f.aio.shortCount(),
 		AIOSubmitCalls:   f.aio.submitCalls(),
+		SyncRequests:     f.syncRequests.Load(),
 	}
 }
 
@@ -196,6 +199,21 @@ func (f *File) ReadAt(p []byte, off int64) error {
 		}
 	}
 	return f.readSync(p, off)
+}
+
+// ReadAtSync is ReadAt with pread(2) on the calling thread whatever the
+// AIO mode: for a caller that knows it is the only request in flight (see
+// the package doc, "Synchronous on request"). It borrows p.
+func (f *File) ReadAtSync(p []byte, off int64) error {
+	f.syncRequests.Add(1)
+	return f.readSync(p, off)
+}
+
+// WriteAtSync is WriteAt with pwrite(2), or pwritev2(RWF_DSYNC) for fua,
+// on the calling thread whatever the AIO mode. It borrows p.
+func (f *File) WriteAtSync(p []byte, off int64, fua bool) error {
+	f.syncRequests.Add(1)
+	return f.writeSync(p, off, fua)
 }
 
 // readSync is ReadAt with pread(2).

@@ -31,6 +31,10 @@ func (f *File) ReadAt(p []byte, off int64) error { return unsupported("pread", f
 func (f *File) WriteAt(p []byte, off int64, fua bool) error {
 	return unsupported("pwrite", f.path)
 }
+func (f *File) ReadAtSync(p []byte, off int64) error { return unsupported("pread", f.path) }
+func (f *File) WriteAtSync(p []byte, off int64, fua bool) error {
+	return unsupported("pwrite", f.path)
+}
 func (f *File) PunchHole(off, n int64, fallback bool) (bool, error) {
 	return false, unsupported("fallocate", f.path)
 }

@@ -195,6 +195,24 @@ func (m *Mem) ReadAt(p []byte, off int64) error {
 	return nil
 }
 
+// ReadAtSync is ReadAt (Mem is synchronous); Stats counts it in
+// SyncRequests.
+func (m *Mem) ReadAtSync(p []byte, off int64) error {
+	m.mu.Lock()
+	m.stats.SyncRequests++
+	m.mu.Unlock()
+	return m.ReadAt(p, off)
+}
+
+// WriteAtSync is WriteAt (Mem is synchronous); Stats counts it in
+// SyncRequests.
+func (m *Mem) WriteAtSync(p []byte, off int64, fua bool) error {
+	m.mu.Lock()
+	m.stats.SyncRequests++
+	m.mu.Unlock()
+	return m.WriteAt(p, off, fua)
+}
+
 // WriteAt copies p to off; with fua its sectors are durable on return. It
 // borrows p.
 func (m *Mem) WriteAt(p []byte, off int64, fua bool) error {

@@ -42,7 +42,15 @@ func (v *Volume) ioErr(op string, off, n int64, err error) error {
 }
 
 // ReadAt fills p with the data at off. It borrows p.
-func (v *Volume) ReadAt(p []byte, off int64) error {
+func (v *Volume) ReadAt(p []byte, off int64) error { return v.readAt(p, off, false) }
+
+// ReadAtSync is ReadAt with the device's reads done synchronously on the
+// calling goroutine (pread, never native AIO), for a caller that knows the
+// request is the only one in flight: netpath/nbd at queue depth 1. The
+// result is ReadAt's. It borrows p.
+func (v *Volume) ReadAtSync(p []byte, off int64) error { return v.readAt(p, off, true) }
+
+func (v *Volume) readAt(p []byte, off int64, sync bool) error {
 	if err := v.begin(); err != nil {
 		return err
 	}
@@ -55,17 +63,35 @@ func (v *Volume) ReadAt(p []byte, off int64) error {
 		return nil
 	}
 	if v.direct(p, off) {
-		if err := v.dev.ReadAt(p, v.dataOff+off); err != nil {
+		if err := v.devRead(p, v.dataOff+off, sync); err != nil {
 			return v.ioErr("read", off, n, err)
 		}
 		return nil
 	}
-	return v.readBounce(p, off)
+	return v.readBounce(p, off, sync)
+}
+
+// devRead is the device's ReadAt, or its ReadAtSync when sync is asked and
+// the device has one.
+func (v *Volume) devRead(p []byte, off int64, sync bool) error {
+	if sync && v.sdev != nil {
+		return v.sdev.ReadAtSync(p, off)
+	}
+	return v.dev.ReadAt(p, off)
+}
+
+// devWrite is the device's WriteAt, or its WriteAtSync when sync is asked
+// and the device has one.
+func (v *Volume) devWrite(p []byte, off int64, fua, sync bool) error {
+	if sync && v.sdev != nil {
+		return v.sdev.WriteAtSync(p, off, fua)
+	}
+	return v.dev.WriteAt(p, off, fua)
 }
 
 // readBounce reads the aligned blocks covering [off, off+len(p)) through a
 // pooled buffer, a chunk at a time, and copies out the bytes asked for.
-func (v *Volume) readBounce(p []byte, off int64) error {
+func (v *Volume) readBounce(p []byte, off int64, sync bool) error {
 	end := off + int64(len(p))
 	lo, hi := v.alignDown(off), v.alignUp(end)
 	b := iobuf.Get(int(min(hi-lo, bounceChunk)))
@@ -73,7 +99,7 @@ func (v *Volume) readBounce(p []byte, off int64) error {
 	for pos := lo; pos < hi; {
 		c := min(hi-pos, bounceChunk)
 		buf := b.Bytes()[:c]
-		if err := v.dev.ReadAt(buf, v.dataOff+pos); err != nil {
+		if err := v.devRead(buf, v.dataOff+pos, sync); err != nil {
 			return v.ioErr("read", off, int64(len(p)), err)
 		}
 		s, e := max(pos, off), min(pos+c, end)
@@ -85,7 +111,17 @@ func (v *Volume) readBounce(p []byte, off int64) error {
 
 // WriteAt writes p at off; with fua it is durable on return. It borrows p
 // and does not retain it.
-func (v *Volume) WriteAt(p []byte, off int64, fua bool) error {
+func (v *Volume) WriteAt(p []byte, off int64, fua bool) error { return v.writeAt(p, off, fua, false) }
+
+// WriteAtSync is WriteAt with the device's reads and writes done
+// synchronously on the calling goroutine (pwrite, pwritev2(RWF_DSYNC) for
+// fua; never native AIO), under the same range lock, for a caller that
+// knows the request is the only one in flight. The result is WriteAt's.
+func (v *Volume) WriteAtSync(p []byte, off int64, fua bool) error {
+	return v.writeAt(p, off, fua, true)
+}
+
+func (v *Volume) writeAt(p []byte, off int64, fua, sync bool) error {
 	if err := v.begin(); err != nil {
 		return err
 	}
@@ -103,19 +139,20 @@ func (v *Volume) WriteAt(p []byte, off int64, fua bool) error {
 	lk := v.locks.Lock(v.alignDown(off), v.alignUp(off+n))
 	defer v.locks.Unlock(lk)
 	if v.direct(p, off) {
-		if err := v.dev.WriteAt(p, v.dataOff+off, fua); err != nil {
+		if err := v.devWrite(p, v.dataOff+off, fua, sync); err != nil {
 			return v.ioErr("write", off, n, err)
 		}
 		return nil
 	}
-	return v.writeRMW(p, off, n, fua)
+	return v.writeRMW(p, off, n, fua, sync)
 }
 
 // writeRMW writes [off, off+n) — from p, or zeroes when p is nil — by
 // reading the partially covered aligned blocks at its ends, merging, and
-// writing whole aligned blocks, a chunk at a time.
+// writing whole aligned blocks, a chunk at a time; with sync, through the
+// device's synchronous calls.
 // REQUIRES: the range lock over the aligned range covering [off, off+n).
-func (v *Volume) writeRMW(p []byte, off, n int64, fua bool) error {
+func (v *Volume) writeRMW(p []byte, off, n int64, fua, sync bool) error {
 	end := off + n
 	lo, hi := v.alignDown(off), v.alignUp(end)
 	b := iobuf.Get(int(min(hi-lo, bounceChunk)))
@@ -126,12 +163,12 @@ func (v *Volume) writeRMW(p []byte, off, n int64, fua bool) error {
 		s, e := max(pos, off), min(pos+c, end)
 		headPartial := s > pos
 		if headPartial {
-			if err := v.dev.ReadAt(buf[:v.align], v.dataOff+pos); err != nil {
+			if err := v.devRead(buf[:v.align], v.dataOff+pos, sync); err != nil {
 				return v.ioErr("write (reading for read-modify-write)", off, n, err)
 			}
 		}
 		if e < pos+c && !(headPartial && c == v.align) {
-			if err := v.dev.ReadAt(buf[c-v.align:], v.dataOff+pos+c-v.align); err != nil {
+			if err := v.devRead(buf[c-v.align:], v.dataOff+pos+c-v.align, sync); err != nil {
 				return v.ioErr("write (reading for read-modify-write)", off, n, err)
 			}
 		}
@@ -140,7 +177,7 @@ func (v *Volume) writeRMW(p []byte, off, n int64, fua bool) error {
 		} else {
 			copy(buf[s-pos:e-pos], p[s-off:e-off])
 		}
-		if err := v.dev.WriteAt(buf, v.dataOff+pos, fua); err != nil {
+		if err := v.devWrite(buf, v.dataOff+pos, fua, sync); err != nil {
 			return v.ioErr("write", off, n, err)
 		}
 		pos += c
@@ -239,7 +276,7 @@ func (v *Volume) WriteZeroes(off, length int64, noHole, fastZero, fua bool) erro
 	a, b := v.alignUp(off), v.alignDown(end)
 	if a >= b {
 		// No whole aligned block inside: one read-modify-write.
-		if err := v.writeRMW(nil, off, length, false); err != nil {
+		if err := v.writeRMW(nil, off, length, false, false); err != nil {
 			return err
 		}
 		return v.syncIf(fua)
@@ -248,12 +285,12 @@ func (v *Volume) WriteZeroes(off, length int64, noHole, fastZero, fua bool) erro
 		return err
 	}
 	if off < a {
-		if err := v.writeRMW(nil, off, a-off, false); err != nil {
+		if err := v.writeRMW(nil, off, a-off, false, false); err != nil {
 			return err
 		}
 	}
 	if b < end {
-		if err := v.writeRMW(nil, b, end-b, false); err != nil {
+		if err := v.writeRMW(nil, b, end-b, false, false); err != nil {
 			return err
 		}
 	}

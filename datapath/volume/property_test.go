@@ -18,6 +18,42 @@ import (
 type caps struct {
 	punch    bool // Trim deallocates (and so zeroes) the aligned inside
 	fastZero bool // WriteZeroes with fastZero succeeds
+	calls    ioCalls
+}
+
+// ioCalls says which calls runModel reads and writes with.
+type ioCalls int
+
+const (
+	mixedCalls ioCalls = iota // ReadAt/WriteAt or ReadAtSync/WriteAtSync, at random
+	asyncCalls                // ReadAt and WriteAt only
+	syncCalls                 // ReadAtSync and WriteAtSync only
+)
+
+func (c ioCalls) sync(rng *rand.Rand) bool {
+	switch c {
+	case asyncCalls:
+		return false
+	case syncCalls:
+		return true
+	}
+	return rng.IntN(2) == 0
+}
+
+func (c ioCalls) String() string { return [...]string{"mixed", "async", "sync"}[c] }
+
+func readAt(v *volume.Volume, p []byte, off int64, sync bool) error {
+	if sync {
+		return v.ReadAtSync(p, off)
+	}
+	return v.ReadAt(p, off)
+}
+
+func writeAt(v *volume.Volume, p []byte, off int64, fua, sync bool) error {
+	if sync {
+		return v.WriteAtSync(p, off, fua)
+	}
+	return v.WriteAt(p, off, fua)
 }
 
 // runModel applies ops random operations to v and to a plain byte-slice
@@ -38,13 +74,13 @@ func runModel(t *testing.T, v *volume.Volume, rng *rand.Rand, ops int, c caps, s
 		case k < 7: // write
 			p := buffer(rng, int(n))
 			fill(rng, p)
-			if err := v.WriteAt(p, off, rng.IntN(8) == 0); err != nil {
+			if err := writeAt(v, p, off, rng.IntN(8) == 0, c.calls.sync(rng)); err != nil {
 				fail(i, "WriteAt(%d, %d): %v", off, n, err)
 			}
 			copy(model[off:], p)
 		case k < 13: // read
 			p := buffer(rng, int(n))
-			if err := v.ReadAt(p, off); err != nil {
+			if err := readAt(v, p, off, c.calls.sync(rng)); err != nil {
 				fail(i, "ReadAt(%d, %d): %v", off, n, err)
 			}
 			if !bytes.Equal(p, model[off:off+n]) {
@@ -180,4 +216,46 @@ func testPropertyFile(t *testing.T, mode dio.AIOMode) {
 		t.Errorf("seed %d: reopened after Close: not clean", seed)
 	}
 	checkAll(t, v2, model, seed)
+}
+
+// TestSyncCallsAgree runs the same operations through ReadAt/WriteAt only
+// and through ReadAtSync/WriteAtSync only, on O_DIRECT files with AIO
+// always on: every read matches the model either way, the final contents
+// are the same, and each run took the path it asked for (dio.Stats).
+func TestSyncCallsAgree(t *testing.T) {
+	seed := testSeed(t)
+	const size = 8 << 20
+	var models [][]byte
+	for _, calls := range []ioCalls{asyncCalls, syncCalls} {
+		t.Run(calls.String(), func(t *testing.T) {
+			f, err := dio.Create(t.TempDir()+"/v", 16<<20)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if err := f.EnableAIO(dio.AIOAlways, 16); err != nil {
+				t.Skipf("no native AIO here: %v", err)
+			}
+			v, err := volume.OpenDevice(f, volume.Options{Create: true, Size: size, Logger: logger(t)})
+			if err != nil {
+				f.Close()
+				t.Fatal(err)
+			}
+			defer v.Close()
+			before := f.Stats()
+			rng := rand.New(rand.NewPCG(seed, 7))
+			models = append(models, runModel(t, v, rng, *opsFlag, caps{punch: true, fastZero: true, calls: calls}, seed))
+			st := f.Stats()
+			syncN, aioN := st.SyncRequests-before.SyncRequests, st.AIORequests-before.AIORequests
+			// runModel's final check reads with ReadAt in both runs.
+			switch {
+			case calls == syncCalls && syncN == 0:
+				t.Errorf("sync calls: dio served no request synchronously (AIO %d)", aioN)
+			case calls == asyncCalls && (syncN != 0 || aioN == 0):
+				t.Errorf("async calls: %d synchronous requests, %d through AIO; want 0 and some", syncN, aioN)
+			}
+		})
+	}
+	if len(models) == 2 && !bytes.Equal(models[0], models[1]) {
+		t.Fatalf("seed %d: the two runs ended with different contents", seed)
+	}
 }

@@ -24,7 +24,11 @@
 //   - I/O: Open and Create issue the device's reads and writes through
 //     Linux native AIO or blocking pread/pwrite as Options.AIO (or the
 //     KEEL_DIO_AIO environment variable) says; see dio.File.EnableAIO. The
-//     results are the same either way; only the cost differs.
+//     results are the same either way; only the cost differs. ReadAtSync
+//     and WriteAtSync do the device's I/O with a blocking pread/pwrite on
+//     the calling goroutine instead, for a caller that knows the request
+//     is alone (netpath/nbd at queue depth 1, where a wakeup from the AIO
+//     reaper costs more than the blocking call); same locks, same results.
 //   - Durability: a FUA write is durable when WriteAt returns (RWF_DSYNC);
 //     Flush is fdatasync, which covers every write completed before it from
 //     any connection. A failed Flush is sticky: every later Flush fails
@@ -92,9 +96,19 @@ type Device interface {
 	Close() error
 }
 
+// SyncDevice is a Device that can also do a read or write synchronously
+// on the calling goroutine whatever its AIO mode (dio.File, dio.Mem); a
+// Volume on one serves ReadAtSync and WriteAtSync with them, and on any
+// other Device with ReadAt and WriteAt.
+type SyncDevice interface {
+	Device
+	ReadAtSync(p []byte, off int64) error
+	WriteAtSync(p []byte, off int64, fua bool) error
+}
+
 var (
-	_ Device = (*dio.File)(nil)
-	_ Device = (*dio.Mem)(nil)
+	_ SyncDevice = (*dio.File)(nil)
+	_ SyncDevice = (*dio.Mem)(nil)
 )
 
 // Options configure Open, Create and OpenDevice.
@@ -181,6 +195,7 @@ const bounceChunk = 1 << 20
 // Volume is one open replica. Its methods are safe for concurrent use.
 type Volume struct {
 	dev       Device
+	sdev      SyncDevice // dev, when it is one; else nil
 	log       *slog.Logger
 	name      string
 	readOnly  bool
@@ -360,6 +375,7 @@ func OpenDevice(dev Device, opts Options) (*Volume, error) {
 		align: int64(align), memAlign: memAlign, id: sb.VolumeID, wasClean: sb.Clean,
 		sb: sb, intent: ld.m,
 	}
+	v.sdev, _ = dev.(SyncDevice)
 	v.epoch.Store(sb.Epoch)
 	switch {
 	case ld.why != nil:

@@ -710,6 +710,9 @@ func TestNoAllocs(t *testing.T) {
 			{"ReadAt", func() { _ = v.ReadAt(b, 8192) }},
 			{"WriteAt", func() { _ = v.WriteAt(b, 8192, false) }},
 			{"WriteAt FUA", func() { _ = v.WriteAt(b, 8192, true) }},
+			{"ReadAtSync", func() { _ = v.ReadAtSync(b, 8192) }},
+			{"WriteAtSync", func() { _ = v.WriteAtSync(b, 8192, false) }},
+			{"WriteAtSync FUA", func() { _ = v.WriteAtSync(b, 8192, true) }},
 		} {
 			c.fn()
 			if a := testing.AllocsPerRun(200, c.fn); a != 0 {
