@@ -80,12 +80,16 @@ func TestSteadyStateAllocs(t *testing.T) {
 		t.Skip("the race detector allocates")
 	}
 	for _, tc := range []struct {
-		sr bool
-		qd int
-	}{{false, 1}, {true, 1}, {false, 8}, {true, 8}} {
-		t.Run(fmt.Sprintf("structured=%v/qd=%d", tc.sr, tc.qd), func(t *testing.T) {
+		sr, sync bool
+		qd       int
+	}{{false, false, 1}, {true, false, 1}, {false, false, 8}, {true, false, 8}, {true, true, 1}, {false, true, 8}} {
+		t.Run(fmt.Sprintf("structured=%v/sync-backend=%v/qd=%d", tc.sr, tc.sync, tc.qd), func(t *testing.T) {
 			// With metrics: recording must not allocate either.
-			f := start(t, nbd.Config{Exports: []nbd.Export{{Name: "vol", Backend: newMem(size)}}, Metrics: nbd.NewMetrics(nil)})
+			var be nbd.Backend = newMem(size)
+			if tc.sync {
+				be = &syncMem{memBackend: be.(*memBackend)}
+			}
+			f := start(t, nbd.Config{Exports: []nbd.Export{{Name: "vol", Backend: be}}, Metrics: nbd.NewMetrics(nil)})
 			c := f.open("vol", tc.sr)
 			c.c.SetDeadline(time.Time{})
 			l := newRawLoad(c, tc.qd)

@@ -51,6 +51,22 @@ type Backend interface {
 	BlockStatus(off, length int64, fn func(length int64, hole, zero bool) bool) error
 }
 
+// SyncBackend is implemented by a Backend that can also serve a READ or
+// WRITE synchronously on the calling goroutine (a blocking pread/pwrite,
+// where ReadAt and WriteAt may queue the I/O to native AIO and sleep until
+// another goroutine reaps its completion), with the same results, locks
+// and durability. The server detects it when the export is added, and
+// calls ReadAtSync/WriteAtSync for a request that is the only one in
+// flight on its connection (queue depth 1: no wakeup to wait for, the
+// lower latency) and ReadAt/WriteAt otherwise (at depth, AIO batches
+// submissions and does not park a thread per request). datapath/volume
+// implements it; a Backend without it is served through ReadAt and
+// WriteAt alone.
+type SyncBackend interface {
+	ReadAtSync(p []byte, off int64) error
+	WriteAtSync(p []byte, off int64, fua bool) error
+}
+
 // Export is one named block device served by a Server.
 type Export struct {
 	// Name is the export's canonical name, as clients select it.
@@ -62,6 +78,8 @@ type Export struct {
 	Backend Backend
 	// ReadOnly serves the export read-only even if the backend can write.
 	ReadOnly bool
+
+	syncBE SyncBackend // Backend, if it is one; set by NewServer and AddExport
 }
 
 // readOnly reports whether the export is read-only by either side's say.

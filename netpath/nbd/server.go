@@ -107,6 +107,7 @@ func NewServer(cfg Config) *Server {
 		if e.Backend == nil {
 			panic(fmt.Sprintf("nbd: export %q has no backend", e.Name))
 		}
+		e.syncBE, _ = e.Backend.(SyncBackend)
 		s.exports = append(s.exports, &e)
 	}
 	return s
@@ -149,6 +150,7 @@ func (s *Server) AddExport(e Export) error {
 	if e.Backend == nil {
 		return fmt.Errorf("nbd: export %q has no backend", e.Name)
 	}
+	e.syncBE, _ = e.Backend.(SyncBackend)
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	for _, x := range s.exports {

@@ -102,6 +102,7 @@ type session struct {
 	// Set by the handshake, read-only afterwards.
 	exp      *Export
 	be       Backend
+	sbe      SyncBackend // be's synchronous calls, nil when it has none
 	size     uint64
 	minBlock uint64
 	maxReq   uint32
@@ -124,6 +125,7 @@ type session struct {
 	work     chan *request // reader → workers; capacity MaxInFlight, never blocks
 	idle     atomic.Int32  // workers free for a new request and not yet claimed
 	inflight atomic.Int32  // requests holding a slot
+	running  atomic.Int32  // requests handed to workers and not yet executed
 
 	mu       sync.Mutex // guards free, bytes, waiting
 	cond     sync.Cond  // L is &mu; signalled on release while the reader waits
@@ -180,6 +182,7 @@ func (ss *session) forceClose() {
 func (ss *session) setExport(exp *Export, sr, metaCtx bool) {
 	ss.exp = exp
 	ss.be = exp.Backend
+	ss.sbe = exp.syncBE
 	ss.size = exportSize(exp)
 	minB, _ := blockSizes(exp.Backend)
 	ss.minBlock = uint64(minB)
@@ -318,6 +321,7 @@ func (ss *session) handle(req nbdproto.Request) error {
 		ss.nworkers++
 		go ss.worker()
 	}
+	ss.running.Add(1)
 	ss.work <- r
 	return nil
 }
@@ -374,6 +378,7 @@ func (ss *session) validate(q *nbdproto.Request) (nbdproto.Errno, []byte) {
 func (ss *session) worker() {
 	for r := range ss.work {
 		ss.exec(r)
+		ss.running.Add(-1)
 		ss.finish(r)
 		ss.idle.Add(1)
 	}
@@ -395,11 +400,19 @@ func (ss *session) exec(r *request) {
 	var err error
 	switch q.Type {
 	case nbdproto.CmdRead:
-		if n > 0 {
+		switch {
+		case n == 0:
+		case ss.alone():
+			err = ss.sbe.ReadAtSync(r.buf.Bytes(), off)
+		default:
 			err = ss.be.ReadAt(r.buf.Bytes(), off)
 		}
 	case nbdproto.CmdWrite:
-		if n > 0 {
+		switch {
+		case n == 0:
+		case ss.alone():
+			err = ss.sbe.WriteAtSync(r.buf.Bytes(), off, fua)
+		default:
 			err = ss.be.WriteAt(r.buf.Bytes(), off, fua)
 		}
 	case nbdproto.CmdFlush:
@@ -424,6 +437,20 @@ func (ss *session) exec(r *request) {
 		ss.logBackendError(r, err)
 	}
 }
+
+// alone reports whether a READ or WRITE being executed should take the
+// backend's synchronous path: the backend has one and no other request of
+// the connection has been read and not yet executed. That is the client's
+// queue depth as the server sees it, counted up to the end of execution
+// rather than to the reply being written (as inflight is): a client at
+// depth 1 sends its next request only once it has the reply, which comes
+// after the count went down, so its every request runs alone, whatever the
+// scheduling. Such a request gets a blocking pread/pwrite on the worker: no
+// AIO submission and no wakeup by the reaper. At depth, requests overlap
+// and go through ReadAt/WriteAt (AIO); one that arrives while a
+// synchronous call blocks counts it, so a blocking call never makes the
+// next request alone too (the feedback that sank dio's AIOConcurrent).
+func (ss *session) alone() bool { return ss.sbe != nil && ss.running.Load() == 1 }
 
 // logBackendError logs a backend error, at most once a second per
 // connection (a failing disk must not flood the log).
