@@ -13,14 +13,17 @@
 // A node keeps one long-lived stream to each peer node (not one per
 // volume); it carries the frames of every volume replicated there. A Peer
 // has an explicit in-flight window (frames and bytes; Full, Add on send,
-// Free on answer), numbers frames per stream, and runs three goroutines
-// per stream: the sender, the only writer of the socket, which batches
-// queued frames into one writev straight from the callers' buffers (or
-// sendmsg(MSG_ZEROCOPY) for large payloads) and runs the deadline watchdog
-// and the pings; the receiver, which reads ACK, NACK and PONG; and, with
-// MSG_ZEROCOPY on, the completion reaper, which reads the socket's error
-// queue. No goroutine is started per write: Fanout takes pooled op structs
-// and waits on one channel.
+// Free on answer) and numbers frames per stream. One goroutine at a time
+// holds the writer role: a submitter that finds it free writes its frame
+// itself (one non-blocking writev straight from the caller's buffer);
+// frames submitted meanwhile are batched by the holder; the sender
+// goroutine takes the role only for short writes, MSG_ZEROCOPY frames
+// (large payloads) and PINGs. A watchdog goroutine fails the stream on a
+// missed deadline: a blocked write is caught by its unanswered frame (no
+// write deadline). The receiver reads ACK, NACK and PONG; with
+// MSG_ZEROCOPY on, the completion reaper reads the socket's error queue.
+// No goroutine is started per write: Fanout takes pooled op structs and
+// waits on one channel. The detail is at the top of send.go.
 //
 // With MSG_ZEROCOPY on (the default for TCP), a stream is two connections:
 // frames go on the first, which this side never reads after the handshake,

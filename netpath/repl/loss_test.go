@@ -12,6 +12,7 @@ import (
 	"testing"
 	"time"
 
+	"keel/datapath/iobuf"
 	"keel/netpath/repl"
 	"keel/netpath/replproto"
 )
@@ -94,8 +95,8 @@ func TestStalledPeerTimesOut(t *testing.T) {
 }
 
 // TestBlockedWriteTimesOut: a peer that stops reading fills the socket
-// buffers, so the sender blocks in writev; its write deadline fails the
-// stream and the frame.
+// buffers, so the writer blocks in writev; the watchdog fails the stream
+// and the frame when the frame goes unanswered past its deadline.
 func TestBlockedWriteTimesOut(t *testing.T) {
 	addr := silentReplica(t, 2, false)
 	lost := make(chan repl.Loss, 8)
@@ -249,5 +250,45 @@ func TestStreamChurnRace(t *testing.T) {
 		streams, sent.Load(), failed.Load(), losses.Load(), r.l.total.Load(), okSlots)
 	if failed.Load() == 0 || losses.Load() == 0 {
 		t.Fatal("no churn happened")
+	}
+}
+
+// TestReplyDeadlineAfterIdle: replies written by the server's write loop
+// (a burst) must not leave a write deadline behind: the first reply after
+// an idle spell longer than WriteTimeout is written directly, and a stale
+// deadline would make it fail and kill the stream.
+func TestReplyDeadlineAfterIdle(t *testing.T) {
+	const vol, size = 7, 1 << 20
+	app := newMemApplier()
+	app.addVolume(vol, size, 1)
+	const wt = 200 * time.Millisecond
+	r := startReplica(t, 2, app, repl.ServerConfig{WriteTimeout: wt})
+	p := newPeer(t, 1, r, repl.PeerConfig{WindowFrames: 64, ZeroCopyMin: -1})
+	buf := iobuf.Get(4096)
+	defer buf.Release()
+	burst := func(n int) {
+		t.Helper()
+		ops := make([]repl.Op, n)
+		var wg sync.WaitGroup
+		wg.Add(n)
+		for i := range ops {
+			ops[i] = repl.Op{Req: repl.Request{Type: replproto.TypeWrite, Volume: vol, Epoch: 1, Offset: uint64(i%256) * 4096, Payload: buf.Bytes()},
+				Done: func(*repl.Op) { wg.Done() }}
+			p.Submit(context.Background(), &ops[i])
+		}
+		wg.Wait()
+		for i := range ops {
+			if err := ops[i].Err(); err != nil {
+				t.Fatalf("write %d of %d: %v", i, n, err)
+			}
+		}
+	}
+	burst(64)
+	// Let the write loop's deadline pass: the condition under test is the
+	// passing of wall time itself.
+	<-time.After(2 * wt)
+	burst(1)
+	if n := r.l.total.Load(); n != 1 {
+		t.Fatalf("%d connections accepted: the stream was lost and redialled after the idle spell", n)
 	}
 }

@@ -957,6 +957,12 @@ func (sc *sconn) writeLoop() {
 		sc.wmu.Unlock()
 		sc.wconn.SetWriteDeadline(time.Now().Add(wt))
 		_, err := sc.wconn.Write(sc.wbuf)
+		if err == nil {
+			// A direct reply (send) goes through RawConn.Write, which
+			// refuses once a deadline has passed: leave none behind, or
+			// the first direct reply after an idle spell kills the stream.
+			err = sc.wconn.SetWriteDeadline(time.Time{})
+		}
 		sc.wmu.Lock()
 		sc.writing = false
 		more := len(sc.pending) > 0
