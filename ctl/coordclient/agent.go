@@ -163,7 +163,12 @@ func (a *Agent) Kick() {
 // of the in-sync set) is merged into the agent's view, OnChange follows,
 // and it is returned.
 func (a *Agent) ReportReplicaLoss(ctx context.Context, vol coordapi.VolumeID, epoch coordapi.Epoch, lost coordapi.NodeID, reason string) (coordapi.Assignment, error) {
-	as, err := a.c.ReplicaLoss(ctx, string(vol), coordapi.ReplicaLossRequest{Node: a.cfg.Node.Node, Epoch: epoch, Lost: lost, Reason: reason})
+	return a.merge(a.c.ReplicaLoss(ctx, string(vol), coordapi.ReplicaLossRequest{Node: a.cfg.Node.Node, Epoch: epoch, Lost: lost, Reason: reason}))
+}
+
+// merge takes an assignment the coordinator answered a report with into
+// the agent's view when it is newer (OnChange follows), and returns a copy.
+func (a *Agent) merge(as *coordapi.Assignment, err error) (coordapi.Assignment, error) {
 	if err != nil {
 		return coordapi.Assignment{}, err
 	}
@@ -201,17 +206,7 @@ func (a *Agent) SyncRetryWait(refusals int, g coordapi.SyncGrant) time.Duration 
 // into the agent's view like ReportReplicaLoss does, OnChange follows, and
 // it is returned.
 func (a *Agent) Rejoin(ctx context.Context, vol coordapi.VolumeID, epoch coordapi.Epoch, target coordapi.NodeID, kind coordapi.SyncKind, copied int64) (coordapi.Assignment, error) {
-	as, err := a.c.Rejoin(ctx, string(vol), coordapi.RejoinRequest{Node: a.cfg.Node.Node, Epoch: epoch, Target: target, Kind: kind, Copied: copied})
-	if err != nil {
-		return coordapi.Assignment{}, err
-	}
-	a.mu.Lock()
-	if cur, ok := a.view[as.Volume]; ok && as.Epoch > cur.Epoch {
-		a.view[as.Volume] = *as
-		a.signalChanged()
-	}
-	a.mu.Unlock()
-	return cloneAssignment(*as), nil
+	return a.merge(a.c.Rejoin(ctx, string(vol), coordapi.RejoinRequest{Node: a.cfg.Node.Node, Epoch: epoch, Target: target, Kind: kind, Copied: copied}))
 }
 
 func (a *Agent) signalChanged() {
