@@ -253,17 +253,27 @@ func (m *Machine) primaryCheck(ref string, node coordapi.NodeID, epoch coordapi.
 	return v, nil
 }
 
+// copyTarget checks that node is ref's primary at epoch and that target
+// is a member: the common ground of a slot request and a rejoin.
+func (m *Machine) copyTarget(ref string, node coordapi.NodeID, epoch coordapi.Epoch, target coordapi.NodeID) (*volume, *member, *coordapi.Error) {
+	v, e := m.primaryCheck(ref, node, epoch)
+	if e != nil {
+		return nil, nil, e
+	}
+	mem := v.member(target)
+	if mem == nil {
+		return nil, nil, coordapi.Errorf(coordapi.CodeNotFound, "node %s holds no replica of %s", target, v.ID)
+	}
+	return v, mem, nil
+}
+
 func (m *Machine) sync(at time.Time, req *Sync) Result {
 	if err := req.Validate(); err != nil {
 		return badRequest(err)
 	}
-	v, e := m.primaryCheck(req.Volume, req.Node, req.Epoch)
+	v, mem, e := m.copyTarget(req.Volume, req.Node, req.Epoch, req.Target)
 	if e != nil {
 		return Result{Err: e}
-	}
-	mem := v.member(req.Target)
-	if mem == nil {
-		return fail(coordapi.CodeNotFound, "node %s holds no replica of %s", req.Target, v.ID)
 	}
 	if mem.InSync {
 		return fail(coordapi.CodeConflict, "%s on %s is in sync already: nothing to copy", v.ID, req.Target)
@@ -294,13 +304,9 @@ func (m *Machine) rejoin(at time.Time, req *Rejoin) Result {
 			return Result{Assignment: &a}
 		}
 	}
-	v, e := m.primaryCheck(req.Volume, req.Node, req.Epoch)
+	v, mem, e := m.copyTarget(req.Volume, req.Node, req.Epoch, req.Target)
 	if e != nil {
 		return Result{Err: e}
-	}
-	mem := v.member(req.Target)
-	if mem == nil {
-		return fail(coordapi.CodeNotFound, "node %s holds no replica of %s", req.Target, v.ID)
 	}
 	if mem.InSync {
 		a := m.assignment(v, req.Node)
