@@ -16,9 +16,7 @@ import (
 	"bufio"
 	"bytes"
 	"context"
-	"crypto/sha256"
 	"encoding/binary"
-	"encoding/hex"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -40,9 +38,9 @@ import (
 	"keel/ctl/cli"
 	"keel/ctl/coordapi"
 	"keel/ctl/coordclient"
-	"keel/datapath/layout"
 	"keel/netpath/nbdkernel"
 	"keel/netpath/nbdproto"
+	"keel/node"
 )
 
 const netnsCoordURL = "http://10.201.1.250:7400"
@@ -218,7 +216,7 @@ func (c *netnsCluster) stopNodes() {
 func (c *netnsCluster) replicaSums(v coordapi.Volume) map[coordapi.NodeID]string {
 	out := map[coordapi.NodeID]string{}
 	for _, m := range v.Members {
-		out[m.Node] = fileDataSum(c.t, filepath.Join(c.dir, string(m.Node), string(v.ID)+".vol"), v.Size)
+		out[m.Node] = node.DataSum(c.t, filepath.Join(c.dir, string(m.Node), string(v.ID)+".vol"), v.Size)
 	}
 	return out
 }
@@ -230,21 +228,6 @@ func memberIDs(v coordapi.Volume) []coordapi.NodeID {
 	}
 	slices.Sort(out)
 	return out
-}
-
-// fileDataSum hashes the data area of a replica file.
-func fileDataSum(t *testing.T, path string, size int64) string {
-	t.Helper()
-	f, err := os.Open(path)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer f.Close()
-	h := sha256.New()
-	if _, err := io.Copy(h, io.NewSectionReader(f, layout.DataOffset, size)); err != nil {
-		t.Fatal(err)
-	}
-	return hex.EncodeToString(h.Sum(nil))
 }
 
 // TestNetnsPartitionCatchUp: both networks of a secondary are cut for a
