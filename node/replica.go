@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"math/rand/v2"
 	"slices"
 	"sync"
 	"sync/atomic"
@@ -13,6 +14,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"keel/ctl/coordapi"
+	"keel/ctl/coordclient"
 	"keel/datapath/volume"
 	"keel/netpath/repl"
 )
@@ -615,12 +617,15 @@ func (r *replica) runLoss() {
 	}
 }
 
+// lossBackoff spaces a primary's repeated replica-loss reports.
+var lossBackoff = coordclient.Backoff{Base: 100 * time.Millisecond, Max: time.Second}
+
 // settleLoss reports one loss until the current view no longer has the
 // peer in sync, this node is no longer primary, or Timing.LossWait has
 // passed since the loss. It returns the outcome for the metrics.
 func (r *replica) settleLoss(it lossItem) string {
 	deadline := it.since.Add(r.x.timing.LossWait)
-	backoff := 50 * time.Millisecond
+	attempt := 0
 	for {
 		v := r.view()
 		switch {
@@ -654,8 +659,10 @@ func (r *replica) settleLoss(it lossItem) string {
 			continue
 		}
 		r.x.log.Warn("replica loss report failed; retrying", "volume", r.id, "peer", it.peer, "err", err)
-		wait := min(backoff, time.Until(deadline))
-		backoff = min(2*backoff, time.Second)
+		// Capped exponential backoff with jitter: primaries that lost
+		// their secondaries together do not report again in lockstep.
+		wait := min(lossBackoff.Wait(attempt, rand.Float64), time.Until(deadline))
+		attempt++
 		t := time.NewTimer(wait)
 		select {
 		case <-t.C:
