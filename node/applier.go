@@ -19,7 +19,10 @@ type applier struct {
 	vols map[uint64]*replica
 }
 
-var _ repl.Applier = (*applier)(nil)
+var (
+	_ repl.Applier     = (*applier)(nil)
+	_ repl.SyncApplier = (*applier)(nil)
+)
 
 func (a *applier) add(r *replica) {
 	a.mu.Lock()
@@ -73,6 +76,19 @@ func (a *applier) WriteAt(vol uint64, p []byte, off int64, flags replproto.Flags
 		return err
 	}
 	return r.vol.WriteAt(p, off, flags&replproto.FlagFUA != 0)
+}
+
+// WriteAtSync is WriteAt with the local write done synchronously on the
+// calling goroutine (the Server calls it for a frame alone on its stream).
+func (a *applier) WriteAtSync(vol uint64, p []byte, off int64, flags replproto.Flags) error {
+	r, err := a.get(vol)
+	if err != nil {
+		return err
+	}
+	if err := r.applyFlags(off, int64(len(p)), flags); err != nil {
+		return err
+	}
+	return r.vol.WriteAtSync(p, off, flags&replproto.FlagFUA != 0)
 }
 
 func (a *applier) Trim(vol uint64, off, length int64, flags replproto.Flags) error {

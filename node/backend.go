@@ -25,7 +25,10 @@ type Backend struct {
 	r *replica
 }
 
-var _ nbd.Backend = (*Backend)(nil)
+var (
+	_ nbd.Backend     = (*Backend)(nil)
+	_ nbd.SyncBackend = (*Backend)(nil)
+)
 
 // Size is the volume size.
 func (b *Backend) Size() int64 { return b.r.vol.Size() }
@@ -50,10 +53,28 @@ func (b *Backend) ReadAt(p []byte, off int64) error {
 	return b.r.vol.ReadAt(p, off)
 }
 
+// ReadAtSync is ReadAt with the local read done synchronously on the
+// calling goroutine (netpath/nbd calls it for a request alone on its
+// connection).
+func (b *Backend) ReadAtSync(p []byte, off int64) error {
+	if _, err := b.r.authorized(time.Now().Add(b.r.x.timing.PeerWait)); err != nil {
+		return err
+	}
+	return b.r.vol.ReadAtSync(p, off)
+}
+
 // WriteAt replicates a write. It borrows p until it returns: p is the
 // buffer written locally and handed to every replication stream.
 func (b *Backend) WriteAt(p []byte, off int64, fua bool) error {
 	o := localOp{kind: opWrite, p: p, off: off, n: int64(len(p)), fua: fua}
+	return b.r.replicate(&o)
+}
+
+// WriteAtSync is WriteAt with the local write done synchronously on the
+// calling goroutine (netpath/nbd calls it for a request alone on its
+// connection); the frames go out first, as for WriteAt.
+func (b *Backend) WriteAtSync(p []byte, off int64, fua bool) error {
+	o := localOp{kind: opWrite, p: p, off: off, n: int64(len(p)), fua: fua, sync: true}
 	return b.r.replicate(&o)
 }
 
@@ -110,6 +131,7 @@ type localOp struct {
 	p                     []byte // opWrite: borrowed from the NBD layer
 	off, n                int64
 	fua, noHole, fastZero bool
+	sync                  bool // opWrite: the local write on the calling goroutine (WriteAtSync)
 }
 
 func (o *localOp) request(vol, epoch uint64, degraded bool) repl.Request {
@@ -139,6 +161,9 @@ func (o *localOp) request(vol, epoch uint64, degraded bool) repl.Request {
 func (r *replica) local(o *localOp) error {
 	switch o.kind {
 	case opWrite:
+		if o.sync {
+			return r.vol.WriteAtSync(o.p, o.off, o.fua)
+		}
 		return r.vol.WriteAt(o.p, o.off, o.fua)
 	case opTrim:
 		return r.vol.Trim(o.off, o.n, o.fua)

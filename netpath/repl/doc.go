@@ -87,7 +87,10 @@
 // stale epoch carrying the replica's epoch. A new stream from a primary node
 // closes that node's previous stream and waits for its reader before reading
 // anything, so frames still buffered on a dead connection cannot land after
-// newer ones. Replies are written by a per-stream writer in batches or, when
+// newer ones. A WRITE alone in flight on its stream (queue depth 1) is
+// applied through SyncApplier.WriteAtSync when the Applier has it: a
+// blocking write on the worker, no completion wake-up to wait for.
+// Replies are written by a per-stream writer in batches or, when
 // the stream has no other frame in flight, directly by the worker with one
 // non-blocking write.
 //

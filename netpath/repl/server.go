@@ -53,6 +53,18 @@ type Applier interface {
 	Flush(vol uint64) error
 }
 
+// SyncApplier is implemented by an Applier that can also apply a write
+// synchronously on the calling goroutine (a blocking pwrite, where WriteAt
+// may queue native AIO and sleep until another goroutine reaps its
+// completion), with WriteAt's result, locks and durability. The Server
+// detects it in NewServer and calls WriteAtSync for a WRITE that is the only
+// frame in flight on its stream (queue depth 1: no completion wake-up to
+// wait for, the lower latency), WriteAt otherwise (at depth, AIO batches
+// submissions and does not park a thread per frame).
+type SyncApplier interface {
+	WriteAtSync(vol uint64, p []byte, off int64, flags replproto.Flags) error
+}
+
 // ServerConfig configures the replica side.
 type ServerConfig struct {
 	// Node is this node's id: a HELLO naming another node is refused, and
@@ -84,10 +96,11 @@ type ServerConfig struct {
 //
 // All methods are safe for concurrent use.
 type Server struct {
-	cfg ServerConfig
-	app Applier
-	log *slog.Logger
-	m   *Metrics
+	cfg     ServerConfig
+	app     Applier
+	syncApp SyncApplier // app, if it is one
+	log     *slog.Logger
+	m       *Metrics
 
 	ack, nack         prometheus.Counter
 	live, deg, sync   prometheus.Counter // applied range bytes by class
@@ -152,6 +165,7 @@ func NewServer(cfg ServerConfig) *Server {
 	for _, t := range []replproto.Type{replproto.TypeWrite, replproto.TypeTrim, replproto.TypeZeroes, replproto.TypeFlush} {
 		s.applyTime[t] = cfg.Metrics.srvApply.WithLabelValues(t.String())
 	}
+	s.syncApp, _ = cfg.Applier.(SyncApplier)
 	s.qcond.L = &s.qmu
 	s.workers.Add(cfg.Workers)
 	for range cfg.Workers {
@@ -521,7 +535,7 @@ func (s *Server) run(f *sframe, scratch []*sframe) {
 		if o := s.applyTime[f.h.Type]; o != nil {
 			o.Observe(time.Since(f.recv).Seconds())
 		}
-		f.sc.send(&r)
+		f.sc.answer(&r)
 	}
 	ready := vs.complete(f, scratch)
 	s.push(ready)
@@ -554,7 +568,11 @@ func (s *Server) apply(f *sframe) replproto.Header {
 	vol, off, n := h.Volume, int64(h.Offset), int64(h.Length)
 	switch h.Type {
 	case replproto.TypeWrite:
-		err = s.app.WriteAt(vol, f.buf.Bytes(), off, h.Flags)
+		if s.syncApp != nil && f.sc.busy.Load() == 1 {
+			err = s.syncApp.WriteAtSync(vol, f.buf.Bytes(), off, h.Flags)
+		} else {
+			err = s.app.WriteAt(vol, f.buf.Bytes(), off, h.Flags)
+		}
 	case replproto.TypeTrim:
 		err = s.app.Trim(vol, off, n, h.Flags)
 	case replproto.TypeZeroes:
@@ -592,7 +610,7 @@ func (s *Server) nackHeader(h *replproto.Header, reason replproto.Reason, epoch 
 func (s *Server) dispatch(sc *sconn, h *replproto.Header, buf *iobuf.Buf, credit int) {
 	refuse := func(reason replproto.Reason, epoch uint64, errno syscall.Errno) {
 		r := s.nackHeader(h, reason, epoch, errno)
-		sc.send(&r)
+		sc.answer(&r)
 		if buf != nil {
 			buf.Release()
 		}
@@ -668,7 +686,7 @@ type sconn struct {
 	mu     sync.Mutex // guards following (cond waits on it)
 	cond   sync.Cond
 	frames int          // frames received and not yet answered
-	busy   atomic.Int32 // frames, readable without mu
+	busy   atomic.Int32 // frames received and not yet answered (reply queued or written); no lock
 	bytes  int64        // their payload bytes
 	closed bool
 
@@ -732,10 +750,20 @@ func (sc *sconn) acquire(n int) bool {
 	return true
 }
 
+// answer sends the reply to a frame that took credit (acquire): it is no
+// longer busy from here on, so a frame that the primary sends once it has
+// the reply finds the stream otherwise idle (send's direct write, and
+// apply's WriteAtSync, look at busy).
+func (sc *sconn) answer(h *replproto.Header) {
+	sc.busy.Add(-1)
+	sc.send(h)
+}
+
+// release returns the credit of a frame that has been answered (or whose
+// stream failed while it was read).
 func (sc *sconn) release(n int) {
 	sc.mu.Lock()
 	sc.frames--
-	sc.busy.Add(-1)
 	sc.bytes -= int64(n)
 	sc.cond.Signal()
 	sc.mu.Unlock()
@@ -758,7 +786,7 @@ func (sc *sconn) send(h *replproto.Header) {
 	}
 	sc.pending = append(sc.pending, make([]byte, replproto.HeaderSize)...)
 	h.Encode((*[replproto.HeaderSize]byte)(sc.pending[n:]))
-	if n != 0 || sc.writing || sc.wrc == nil || sc.busy.Load() > 1 {
+	if n != 0 || sc.writing || sc.wrc == nil || sc.busy.Load() > 0 {
 		sc.wmu.Unlock()
 		sc.kick()
 		return
@@ -919,6 +947,7 @@ func (sc *sconn) readLoop() error {
 			buf = iobuf.Get(n)
 			if _, err := io.ReadFull(sc.conn, buf.Bytes()); err != nil {
 				buf.Release()
+				sc.busy.Add(-1)
 				sc.release(n)
 				return err
 			}
@@ -926,7 +955,7 @@ func (sc *sconn) readLoop() error {
 			if replproto.PayloadCRC(buf.Bytes()) != h.PayloadCRC {
 				buf.Release()
 				r := s.nackHeader(h, replproto.ReasonBadChecksum, 0, 0)
-				sc.send(&r)
+				sc.answer(&r)
 				sc.release(n)
 				s.log.Warn("replication payload checksum mismatch: frame refused", "primary", sc.primary, "frame", h.String())
 				continue
