@@ -57,7 +57,10 @@
 // and closed (SO_LINGER 0 drops the send queue). On the replica, the
 // reader takes an iobuf buffer per payload, reads into it straight from the
 // socket, and releases it after the frame is answered; the Applier only
-// borrows it for the call.
+// borrows it for the call. The payload's last bytes and the next frame's
+// header come in one readv (payload buffer, then a one-header scratch
+// area), so back-to-back WRITE frames cost one read system call each and
+// no payload byte lands anywhere but in its buffer (rx.go).
 //
 // # Copies per replicated byte
 //

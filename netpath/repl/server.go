@@ -915,16 +915,18 @@ func malformedWhat(err error) string {
 }
 
 // readLoop reads frames until the stream ends. Payloads are read straight
-// from the socket into an aligned iobuf buffer: no intermediate copy.
+// from the socket into an aligned iobuf buffer, no intermediate copy, each
+// with the next header in the same readv (frameReader).
 func (sc *sconn) readLoop() error {
 	s := sc.s
 	h := &sc.h
+	fr := newFrameReader(sc.conn)
 	for {
 		sc.conn.SetReadDeadline(time.Now().Add(s.cfg.IdleTimeout))
-		if _, err := io.ReadFull(sc.conn, sc.hdr[:]); err != nil {
+		if err := fr.header(); err != nil {
 			return err
 		}
-		if err := h.Decode(&sc.hdr); err != nil {
+		if err := h.Decode(&fr.hdr); err != nil {
 			s.m.srvBad.WithLabelValues(malformedWhat(err)).Inc()
 			return fmt.Errorf("%w: %w", ErrProtocol, err)
 		}
@@ -945,7 +947,7 @@ func (sc *sconn) readLoop() error {
 		var buf *iobuf.Buf
 		if h.Type.HasPayload() {
 			buf = iobuf.Get(n)
-			if _, err := io.ReadFull(sc.conn, buf.Bytes()); err != nil {
+			if err := fr.payload(buf.Bytes()); err != nil {
 				buf.Release()
 				sc.busy.Add(-1)
 				sc.release(n)
