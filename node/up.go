@@ -11,6 +11,7 @@ import (
 	"os/signal"
 	"path/filepath"
 	"slices"
+	"strconv"
 	"strings"
 	"syscall"
 	"time"
@@ -29,6 +30,11 @@ type UpConfig struct {
 	DataDir  string
 	Size     int64
 	Volume   string
+	// Capacity is the space each node offers (keel node --capacity);
+	// default 4 × Size. All nodes share one file system here: offering the
+	// whole of it from each would make the re-mirror reserve (a share of
+	// capacity) larger than what is free.
+	Capacity int64
 	// CoordListen and RaftListen are the coordinator's API and raft
 	// addresses; node i (from 0) listens for NBD on NBDPort+i, for
 	// replication on ReplPort+i and serves metrics on MetricsPort+i
@@ -47,7 +53,7 @@ type UpConfig struct {
 // UpCommand is `keel up`.
 func UpCommand() *cobra.Command {
 	var cfg UpConfig
-	var size string
+	var size, capacity string
 	cmd := &cobra.Command{
 		Use:   "up [--nodes 3] [--replicas 2] [--data-dir DIR] [--size 4G] [--volume default]",
 		Short: "run a coordinator and several nodes on this machine, with one replicated volume to try",
@@ -72,6 +78,11 @@ the data stays for the next run.`,
 				return fmt.Errorf("--size: %w", err)
 			}
 			cfg.Size = n
+			if capacity != "" {
+				if cfg.Capacity, err = coordapi.ParseSize(capacity); err != nil {
+					return fmt.Errorf("--capacity: %w", err)
+				}
+			}
 			cfg.Out = cmd.OutOrStdout()
 			ctx, stop := signal.NotifyContext(cmd.Context(), syscall.SIGINT, syscall.SIGTERM)
 			defer stop()
@@ -84,6 +95,7 @@ the data stays for the next run.`,
 	f.StringVar(&cfg.DataDir, "data-dir", filepath.Join("data", "up"), "directory for the coordinator's and nodes' data and logs")
 	f.StringVar(&size, "size", "4G", "size of the volume when created")
 	f.StringVar(&cfg.Volume, "volume", "default", "name of the volume (its NBD export name)")
+	f.StringVar(&capacity, "capacity", "", "space each node offers for replicas (default 4 × --size; 20% of it is the re-mirror reserve)")
 	f.StringVar(&cfg.CoordListen, "coord-listen", "127.0.0.1:7400", "coordinator API address")
 	f.StringVar(&cfg.RaftListen, "raft-listen", "127.0.0.1:7401", "coordinator raft address")
 	f.IntVar(&cfg.NBDPort, "nbd-port", 10809, "NBD port of the first node (the next nodes count up)")
@@ -177,6 +189,12 @@ func Up(ctx context.Context, cfg UpConfig) error {
 	if cfg.Lease <= 0 {
 		cfg.Lease = 5 * time.Second
 	}
+	if cfg.Capacity == 0 {
+		cfg.Capacity = 4 * cfg.Size
+	}
+	if cfg.Capacity < cfg.Size {
+		return fmt.Errorf("--capacity %s: below the volume's --size %s", coordapi.FormatBytes(cfg.Capacity), coordapi.FormatBytes(cfg.Size))
+	}
 	if cfg.Out == nil {
 		cfg.Out = os.Stdout
 	}
@@ -227,7 +245,7 @@ func Up(ctx context.Context, cfg UpConfig) error {
 		}
 		args := []string{"node", "--id", string(ni.id), "--zone", fmt.Sprintf("z%d", i+1),
 			"--data-dir", filepath.Join(dir, string(ni.id)), "--coord", url,
-			"--primary-listen", ni.nbd, "--repl-listen", ni.repl}
+			"--primary-listen", ni.nbd, "--repl-listen", ni.repl, "--capacity", strconv.FormatInt(cfg.Capacity, 10)}
 		if cfg.MetricsPort > 0 {
 			args = append(args, "--metrics", fmt.Sprintf("127.0.0.1:%d", cfg.MetricsPort+i))
 		}
