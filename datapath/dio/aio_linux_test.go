@@ -322,3 +322,62 @@ func TestAIOBatchRefusal(t *testing.T) {
 		t.Errorf("stats %+v, want 1 fallback (the refused write)", s)
 	}
 }
+
+// TestSyncOnRequest: ReadAtSync and WriteAtSync bypass AIO whatever the
+// mode, read what ReadAt wrote and the other way round, FUA included,
+// allocate nothing, and are counted in SyncRequests.
+func TestSyncOnRequest(t *testing.T) {
+	for _, mode := range []AIOMode{AIOOff, AIOAlways, AIOConcurrent} {
+		t.Run(mode.String(), func(t *testing.T) {
+			f := createAIO(t, mode, 4)
+			rb := iobuf.Get(8192)
+			defer rb.Release()
+			for i := range 8 {
+				off := int64(i) * 8192
+				p := pattern(8192, byte(i+1))
+				if i%2 == 0 {
+					if err := f.WriteAtSync(p, off, i%4 == 0); err != nil {
+						t.Fatal(err)
+					}
+					if err := f.ReadAt(rb.Bytes(), off); err != nil {
+						t.Fatal(err)
+					}
+				} else {
+					if err := f.WriteAt(p, off, i%3 == 0); err != nil {
+						t.Fatal(err)
+					}
+					if err := f.ReadAtSync(rb.Bytes(), off); err != nil {
+						t.Fatal(err)
+					}
+				}
+				if !bytes.Equal(rb.Bytes(), p) {
+					t.Fatalf("block %d read back differs", i)
+				}
+			}
+			before := f.Stats()
+			b := rb.Bytes()[:4096]
+			for _, c := range []struct {
+				name string
+				fn   func()
+			}{
+				{"ReadAtSync", func() { _ = f.ReadAtSync(b, 8192) }},
+				{"WriteAtSync", func() { _ = f.WriteAtSync(b, 8192, false) }},
+				{"WriteAtSync FUA", func() { _ = f.WriteAtSync(b, 8192, true) }},
+			} {
+				if a := testing.AllocsPerRun(50, c.fn); a != 0 {
+					t.Errorf("%s allocates %.1f per call", c.name, a)
+				}
+			}
+			s := f.Stats()
+			if got := s.SyncRequests - before.SyncRequests; got != 3*51 {
+				t.Errorf("SyncRequests went up by %d, want %d", got, 3*51)
+			}
+			if s.AIORequests != before.AIORequests || s.AIOFallbacks != 0 {
+				t.Errorf("synchronous calls went through AIO: before %+v, after %+v", before, s)
+			}
+			if mode == AIOAlways && s.AIORequests == 0 {
+				t.Errorf("ReadAt and WriteAt did not use AIO: %+v", s)
+			}
+		})
+	}
+}
