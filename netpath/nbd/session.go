@@ -316,6 +316,13 @@ func (ss *session) handle(req nbdproto.Request) error {
 	if req.Type == nbdproto.CmdRead && req.Length > 0 {
 		r.buf = iobuf.Get(int(req.Length))
 	}
+	if ss.inline(&req) {
+		ss.running.Add(1)
+		ss.exec(r)
+		ss.running.Add(-1)
+		ss.finish(r)
+		return nil
+	}
 	if ss.idle.Add(-1) < 0 {
 		ss.idle.Add(1)
 		ss.nworkers++
@@ -324,6 +331,25 @@ func (ss *session) handle(req nbdproto.Request) error {
 	ss.running.Add(1)
 	ss.work <- r
 	return nil
+}
+
+// maxInline is the largest READ or WRITE the reader executes itself.
+// Its reply must fit the sockets' buffers: the reader writing a reply that
+// a client does not read while it is still sending must not block.
+const maxInline = 128 << 10
+
+// inline reports whether the reader should execute q itself, on the
+// backend's synchronous path, instead of handing it to a worker: a READ or
+// WRITE of up to maxInline bytes, with a backend that has synchronous
+// calls, nothing else of the connection being executed, and no further
+// request already read into the buffer. That is a client at queue depth
+// 1: the request needs no wakeup of a worker (and of a thread to run it)
+// and its reply goes out from the reader, which then reads the next. A
+// client that has pipelined more finds them dispatched as usual, behind
+// at most this one request.
+func (ss *session) inline(q *nbdproto.Request) bool {
+	return ss.sbe != nil && (q.Type == nbdproto.CmdRead || q.Type == nbdproto.CmdWrite) &&
+		q.Length <= maxInline && ss.rpos == ss.rend && ss.running.Load() == 0
 }
 
 // validate checks a request against the export; a non-zero errno is the
