@@ -470,6 +470,30 @@ func TestNetns2011Storm(t *testing.T) {
 		}
 		return nil
 	})
+	// Stay cut until every volume with one replica in the group has lost
+	// it (out of the in-sync set): the heal then brings back replicas that
+	// must catch up, and former primaries that need a whole copy.
+	c.poll("every affected volume lost its replica in the group", 60*time.Second, func() error {
+		vs, err := c.volumes()
+		if err != nil {
+			return err
+		}
+		for _, v := range vs {
+			in, lost := 0, 0
+			for _, m := range v.Members {
+				if slices.Contains(group, string(m.Node)) {
+					in++
+					if !m.InSync {
+						lost++
+					}
+				}
+			}
+			if in == 1 && lost == 0 {
+				return fmt.Errorf("%s: its replica in the group is still in sync (%s: %s)", v.Name, v.State, v.Reason)
+			}
+		}
+		return nil
+	})
 	for _, id := range group {
 		c.tb.run("heal", id, "pri")
 		c.tb.run("heal", id, "rep")
