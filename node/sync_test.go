@@ -167,6 +167,17 @@ func waitRejoin(t testing.TB, fc *fakeCoord, within time.Duration) int64 {
 	return 0
 }
 
+// primaryOf is this node's assignment as vol-1's primary at epoch 1 with
+// peers.
+func primaryOf(size int64, peers ...coordapi.Peer) coordapi.Assignment {
+	return coordapi.Assignment{Volume: "vol-1", Size: size, Epoch: 1, Role: coordapi.RolePrimary, InSync: true, Peers: peers}
+}
+
+// secondaryPeer is a secondary member of vol-1 as an assignment lists it.
+func secondaryPeer(id coordapi.NodeID, addr string, inSync, live bool) coordapi.Peer {
+	return coordapi.Peer{Node: id, ReplAddr: addr, Role: coordapi.RoleSecondary, InSync: inSync, Live: live}
+}
+
 // TestCatchUpAfterPrimaryCrash is the write-intent bitmap's durability
 // test (invariant 6): a primary whose only secondary is out of sync takes
 // writes (each recorded in the bitmap before it is issued); its device is
@@ -195,8 +206,7 @@ func crashCatchUp(t *testing.T, seed uint64) {
 	rng := rand.New(rand.NewPCG(seed, 7))
 	sec := startSecondary(t, "s1", "vol-1", size, true)
 	pvol, pmem := memVolume(t, "p", size, seed)
-	as := coordapi.Assignment{Volume: "vol-1", Size: size, Epoch: 1, Role: coordapi.RolePrimary, InSync: true,
-		Peers: []coordapi.Peer{{Node: "s1", ReplAddr: sec.addr, Role: coordapi.RoleSecondary, InSync: true, Live: true}}}
+	as := primaryOf(size, secondaryPeer("s1", sec.addr, true, true))
 	fc := newFakeCoord(as, coordapi.SyncCatchUp)
 	r := testPrimary(t, pvol, fc)
 	if err := r.apply(fc.assignment()); err != nil {
@@ -339,11 +349,7 @@ func TestCatchingPeerFailure(t *testing.T) {
 	s2 := startSecondary(t, "s2", "vol-1", size, true)
 	pvol, _ := memVolume(t, "p", size, 1)
 	t.Cleanup(func() { pvol.Close() })
-	as := coordapi.Assignment{Volume: "vol-1", Size: size, Epoch: 1, Role: coordapi.RolePrimary, InSync: true,
-		Peers: []coordapi.Peer{
-			{Node: "s1", ReplAddr: s1.addr, Role: coordapi.RoleSecondary, InSync: true, Live: true},
-			{Node: "s2", ReplAddr: s2.addr, Role: coordapi.RoleSecondary, InSync: false, Live: true},
-		}}
+	as := primaryOf(size, secondaryPeer("s1", s1.addr, true, true), secondaryPeer("s2", s2.addr, false, true))
 	fc := newFakeCoord(as, coordapi.SyncRemirror)
 	r := testPrimary(t, pvol, fc)
 	be := &Backend{r: r}
@@ -420,11 +426,7 @@ func TestSecondaryMarksDegradedFrames(t *testing.T) {
 	s1 := startSecondary(t, "s1", "vol-1", size, true)
 	pvol, _ := memVolume(t, "p", size, 2)
 	t.Cleanup(func() { pvol.Close() })
-	as := coordapi.Assignment{Volume: "vol-1", Size: size, Epoch: 1, Role: coordapi.RolePrimary, InSync: true,
-		Peers: []coordapi.Peer{
-			{Node: "s1", ReplAddr: s1.addr, Role: coordapi.RoleSecondary, InSync: true, Live: true},
-			{Node: "s2", ReplAddr: "127.0.0.1:1", Role: coordapi.RoleSecondary, InSync: false, Live: false},
-		}}
+	as := primaryOf(size, secondaryPeer("s1", s1.addr, true, true), secondaryPeer("s2", "127.0.0.1:1", false, false))
 	fc := newFakeCoord(as, coordapi.SyncCatchUp)
 	r := testPrimary(t, pvol, fc)
 	if err := r.apply(fc.assignment()); err != nil {
@@ -477,11 +479,7 @@ func TestLossMarksBeforeAck(t *testing.T) {
 	s2 := startSecondary(t, "s2", "vol-1", size, true)
 	pvol, _ := memVolume(t, "p", size, 3)
 	t.Cleanup(func() { pvol.Close() })
-	as := coordapi.Assignment{Volume: "vol-1", Size: size, Epoch: 1, Role: coordapi.RolePrimary, InSync: true,
-		Peers: []coordapi.Peer{
-			{Node: "s1", ReplAddr: s1.addr, Role: coordapi.RoleSecondary, InSync: true, Live: true},
-			{Node: "s2", ReplAddr: s2.addr, Role: coordapi.RoleSecondary, InSync: true, Live: true},
-		}}
+	as := primaryOf(size, secondaryPeer("s1", s1.addr, true, true), secondaryPeer("s2", s2.addr, true, true))
 	fc := newFakeCoord(as, coordapi.SyncCatchUp)
 	r := testPrimary(t, pvol, fc)
 	if err := r.apply(fc.assignment()); err != nil {
@@ -524,8 +522,7 @@ func TestLostSecondaryUnflushedWrites(t *testing.T) {
 	sec := startSecondary(t, "s1", "vol-1", size, true)
 	pvol, _ := memVolume(t, "p", size, 4)
 	t.Cleanup(func() { pvol.Close() })
-	as := coordapi.Assignment{Volume: "vol-1", Size: size, Epoch: 1, Role: coordapi.RolePrimary, InSync: true,
-		Peers: []coordapi.Peer{{Node: "s1", ReplAddr: sec.addr, Role: coordapi.RoleSecondary, InSync: true, Live: true}}}
+	as := primaryOf(size, secondaryPeer("s1", sec.addr, true, true))
 	fc := newFakeCoord(as, coordapi.SyncCatchUp)
 	r := testPrimary(t, pvol, fc)
 	if err := r.apply(fc.assignment()); err != nil {
