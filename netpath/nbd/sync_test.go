@@ -83,16 +83,7 @@ func TestSyncAtDepthOne(t *testing.T) {
 // through ReadAt and WriteAt. The three requests arrive in one write, so
 // the reader has the others buffered and executes none itself.
 func TestAsyncAtDepth(t *testing.T) {
-	m := &syncMem{memBackend: newMem(1 << 20)}
-	entered, gate := make(chan struct{}), make(chan struct{})
-	var first atomic.Bool
-	m.setHook(func(op string, off, length int64) error {
-		if op == "read" && off == 0 && first.CompareAndSwap(false, true) {
-			close(entered)
-			<-gate
-		}
-		return nil
-	})
+	m, entered, gate := gatedFirstRead()
 	f := start(t, nbd.Config{Exports: []nbd.Export{{Name: "vol", Backend: m}}})
 	c := f.open("vol", true)
 	data := pattern(4096, 9)
@@ -141,16 +132,7 @@ func TestAsyncAtDepth(t *testing.T) {
 // the synchronous path; a request blocked there holds up only the reading
 // of the client's next requests, which are then served as usual.
 func TestInlineAtDepthOne(t *testing.T) {
-	m := &syncMem{memBackend: newMem(1 << 20)}
-	entered, gate := make(chan struct{}), make(chan struct{})
-	var first atomic.Bool
-	m.setHook(func(op string, off, length int64) error {
-		if op == "read" && off == 0 && first.CompareAndSwap(false, true) {
-			close(entered)
-			<-gate
-		}
-		return nil
-	})
+	m, entered, gate := gatedFirstRead()
 	f := start(t, nbd.Config{Exports: []nbd.Export{{Name: "vol", Backend: m}}})
 	c := f.open("vol", true)
 	h1 := c.send(nbdproto.CmdRead, 0, 0, 4096, nil)
@@ -165,4 +147,20 @@ func TestInlineAtDepthOne(t *testing.T) {
 	if got := m.counts(); got != [4]int64{1, 1, 0, 0} {
 		t.Errorf("sync reads, writes, async reads, writes = %v; want 1 1 0 0", got)
 	}
+}
+
+// gatedFirstRead is a sync-capable backend whose first read at offset 0
+// closes entered and then waits until gate is closed.
+func gatedFirstRead() (m *syncMem, entered, gate chan struct{}) {
+	m = &syncMem{memBackend: newMem(1 << 20)}
+	entered, gate = make(chan struct{}), make(chan struct{})
+	var first atomic.Bool
+	m.setHook(func(op string, off, length int64) error {
+		if op == "read" && off == 0 && first.CompareAndSwap(false, true) {
+			close(entered)
+			<-gate
+		}
+		return nil
+	})
+	return m, entered, gate
 }
