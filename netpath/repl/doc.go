@@ -90,9 +90,12 @@
 // stale epoch carrying the replica's epoch. A new stream from a primary node
 // closes that node's previous stream and waits for its reader before reading
 // anything, so frames still buffered on a dead connection cannot land after
-// newer ones. A WRITE alone in flight on its stream (queue depth 1) is
-// applied through SyncApplier.WriteAtSync when the Applier has it: a
-// blocking write on the worker, no completion wake-up to wait for.
+// newer ones. A WRITE alone in flight on its stream (queue depth 1, and no
+// byte of a next frame read yet) is applied through SyncApplier.WriteAtSync
+// when the Applier has it, on the stream's reader goroutine itself: a
+// blocking write with no hand-off to a worker and no completion wake-up
+// (keel_repl_server_inline_writes_total counts them). A frame that arrives
+// meanwhile waits in the socket for that one write.
 // Replies are written by a per-stream writer in batches or, when
 // the stream has no other frame in flight, directly by the worker with one
 // non-blocking write.

@@ -27,6 +27,7 @@ type Metrics struct {
 	srvStreams            prometheus.Gauge
 	srvApply              *prometheus.HistogramVec
 	srvClass              *prometheus.CounterVec
+	srvInline             prometheus.Counter
 }
 
 // NewMetrics creates the metrics and registers them with reg (nil: not
@@ -66,12 +67,14 @@ func NewMetrics(reg prometheus.Registerer) *Metrics {
 		srvStreams: prometheus.NewGauge(prometheus.GaugeOpts{Name: "keel_repl_server_streams", Help: "Replication streams open on this replica."}),
 		srvApply: prometheus.NewHistogramVec(prometheus.HistogramOpts{Name: "keel_repl_server_apply_seconds",
 			Help: "Time to apply a frame on this replica, from receipt to reply, by type.", Buckets: lat}, []string{"type"}),
+		srvInline: prometheus.NewCounter(prometheus.CounterOpts{Name: "keel_repl_server_inline_writes_total",
+			Help: "WRITE frames this replica applied on the stream's reader goroutine because they were alone on the stream (queue depth 1), without a hand-off to a worker."}),
 		srvClass: cv("keel_repl_server_applied_bytes_total", "Range bytes of the write, trim and zeroing frames this replica applied, by class: live (in sync), degraded (live, marked in the write-intent bitmap first), sync (catch-up and re-mirror copies).", "class"),
 	}
 	if reg != nil {
 		reg.MustRegister(m.txBytes, m.txFrames, m.payloadBytes, m.errors, m.inflightFrames, m.inflightBytes,
 			m.up, m.reconnects, m.rtt, m.frameSeconds, m.zcSends, m.zcCopied, m.zcBytes, m.zcFallback,
-			m.kernelCopyBytes, m.userCopyBytes, m.srvRxBytes, m.srvFrames, m.srvNacks, m.srvBad, m.srvStreams, m.srvApply, m.srvClass)
+			m.kernelCopyBytes, m.userCopyBytes, m.srvRxBytes, m.srvFrames, m.srvNacks, m.srvBad, m.srvStreams, m.srvApply, m.srvClass, m.srvInline)
 	}
 	// Make the copy counters visible at zero.
 	m.userCopyBytes.WithLabelValues("send")

@@ -103,6 +103,7 @@ type Server struct {
 	m       *Metrics
 
 	ack, nack         prometheus.Counter
+	inline            prometheus.Counter // WRITEs applied on a stream's reader (dispatch)
 	live, deg, sync   prometheus.Counter // applied range bytes by class
 	applyTime         [replproto.TypeRemirrorWrite + 1]prometheus.Observer
 	workers, inflight sync.WaitGroup
@@ -155,7 +156,7 @@ func NewServer(cfg ServerConfig) *Server {
 		cfg: cfg, app: cfg.Applier, log: log, m: cfg.Metrics,
 		ack: cfg.Metrics.srvFrames.WithLabelValues("ack"), nack: cfg.Metrics.srvFrames.WithLabelValues("nack"),
 		live: cfg.Metrics.srvClass.WithLabelValues("live"), deg: cfg.Metrics.srvClass.WithLabelValues("degraded"),
-		sync:      cfg.Metrics.srvClass.WithLabelValues("sync"),
+		sync: cfg.Metrics.srvClass.WithLabelValues("sync"), inline: cfg.Metrics.srvInline,
 		vols:      make(map[uint64]*volState),
 		streams:   make(map[*sconn]struct{}),
 		byPrimary: make(map[uint64]*sconn),
@@ -607,7 +608,16 @@ func (s *Server) nackHeader(h *replproto.Header, reason replproto.Reason, epoch 
 
 // dispatch registers a received frame with its volume and queues what can
 // run. It owns buf and the stream credit from here on.
-func (s *Server) dispatch(sc *sconn, h *replproto.Header, buf *iobuf.Buf, credit int) {
+//
+// lone: nothing of a next frame has been read yet. A WRITE that is then
+// alone on its stream (queue depth 1) and ready at once is applied here,
+// on the reader goroutine, with SyncApplier.WriteAtSync, and answered
+// directly: no hand-off to a worker, whose wake-up would cost more than
+// the disk write it schedules (the replica-side half of the QD1 path). A
+// frame that arrives meanwhile waits in the socket for at most that one
+// write; at any depth above 1 the reader finds the next header already
+// read or the stream busy, and the workers apply as before.
+func (s *Server) dispatch(sc *sconn, h *replproto.Header, buf *iobuf.Buf, credit int, lone bool) {
 	refuse := func(reason replproto.Reason, epoch uint64, errno syscall.Errno) {
 		r := s.nackHeader(h, reason, epoch, errno)
 		sc.answer(&r)
@@ -662,6 +672,14 @@ func (s *Server) dispatch(sc *sconn, h *replproto.Header, buf *iobuf.Buf, credit
 		}
 		return
 	}
+	if lone && s.syncApp != nil && len(ready) == 1 && ready[0] == f && f.kind == kindData &&
+		h.Type == replproto.TypeWrite && sc.busy.Load() == 1 {
+		clear(ready)
+		sc.ready = ready[:0]
+		s.inline.Inc()
+		s.run(f, sc.inl[:0])
+		return
+	}
 	s.push(ready)
 	clear(ready)
 	sc.ready = ready[:0]
@@ -694,6 +712,7 @@ type sconn struct {
 	hdr   [replproto.HeaderSize]byte
 	h     replproto.Header
 	ready []*sframe
+	inl   [16]*sframe // run's scratch for a frame applied on the reader
 
 	wmu     sync.Mutex // guards pending and writing
 	pending []byte     // encoded replies not yet written
@@ -963,7 +982,7 @@ func (sc *sconn) readLoop() error {
 				continue
 			}
 		}
-		s.dispatch(sc, h, buf, n)
+		s.dispatch(sc, h, buf, n, fr.have == 0)
 	}
 }
 

@@ -8,6 +8,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/prometheus/client_golang/prometheus"
+
 	"keel/netpath/repl"
 	"keel/netpath/replproto"
 )
@@ -25,8 +27,9 @@ func (a *syncApplier) WriteAtSync(vol uint64, p []byte, off int64, flags replpro
 }
 
 // TestSyncApplierAtDepthOne: a WRITE alone in flight on its stream goes
-// through WriteAtSync; one that arrives while another frame of the stream
-// is being applied goes through WriteAt. Both land.
+// through WriteAtSync, on the stream's reader (counted as inline); a write
+// the primary sends while one is being applied is read once the reader is
+// free, and both land. Without a SyncApplier nothing is applied inline.
 func TestSyncApplierAtDepthOne(t *testing.T) {
 	const vol = 1
 	app := &syncApplier{memApplier: newMemApplier()}
@@ -35,7 +38,8 @@ func TestSyncApplierAtDepthOne(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	srv := repl.NewServer(repl.ServerConfig{Node: 2, Applier: app, Workers: 4})
+	reg := prometheus.NewRegistry()
+	srv := repl.NewServer(repl.ServerConfig{Node: 2, Applier: app, Workers: 4, Metrics: repl.NewMetrics(reg)})
 	t.Cleanup(func() { srv.Close() })
 	go srv.Serve(ln)
 	p := newPeer(t, 1, &replica{node: 2, addr: ln.Addr().String()}, repl.PeerConfig{})
@@ -51,7 +55,11 @@ func TestSyncApplierAtDepthOne(t *testing.T) {
 	if n := app.syncs.Load(); n != 3 {
 		t.Fatalf("%d of 3 writes at depth 1 took WriteAtSync", n)
 	}
+	if n := gatherValue(t, reg, "keel_repl_server_inline_writes_total"); n != 3 {
+		t.Fatalf("%v of 3 writes at depth 1 applied on the reader", n)
+	}
 
+	// A write held in the applier (on the reader), and one sent behind it.
 	app.mu.Lock()
 	app.holdAt[32768] = true
 	app.mu.Unlock()
@@ -59,16 +67,15 @@ func TestSyncApplierAtDepthOne(t *testing.T) {
 	a := repl.Op{Req: write(32768, 'H'), Done: func(op *repl.Op) { held <- op.Err() }}
 	p.Submit(context.Background(), &a)
 	within(t, app.entered, 10*time.Second, "the held write to reach the applier")
-	b := write(16384, 'B') // the stream has the held frame in flight
-	if err := p.Send(context.Background(), &b); err != nil {
-		t.Fatalf("write at depth 2: %v", err)
-	}
-	if n := app.syncs.Load(); n != 4 {
-		t.Fatalf("WriteAtSync calls %d, want 4 (the held write alone; not the one behind it)", n)
-	}
+	behind := make(chan error, 1)
+	b := repl.Op{Req: write(16384, 'B'), Done: func(op *repl.Op) { behind <- op.Err() }}
+	p.Submit(context.Background(), &b)
 	app.release <- struct{}{}
 	if err := within(t, held, 10*time.Second, "the held write"); err != nil {
 		t.Fatalf("held write: %v", err)
+	}
+	if err := within(t, behind, 10*time.Second, "the write behind it"); err != nil {
+		t.Fatalf("write behind the held one: %v", err)
 	}
 	data, _, st := app.snapshot(vol)
 	if st.writes != 5 {
@@ -79,4 +86,50 @@ func TestSyncApplierAtDepthOne(t *testing.T) {
 			t.Fatalf("data at %d is not %q", off, c)
 		}
 	}
+}
+
+// TestNoInlineWithoutSyncApplier: an Applier without WriteAtSync has
+// every frame applied by a worker.
+func TestNoInlineWithoutSyncApplier(t *testing.T) {
+	const vol = 1
+	app := newMemApplier()
+	app.addVolume(vol, 64<<10, 1)
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	reg := prometheus.NewRegistry()
+	srv := repl.NewServer(repl.ServerConfig{Node: 2, Applier: app, Workers: 2, Metrics: repl.NewMetrics(reg)})
+	t.Cleanup(func() { srv.Close() })
+	go srv.Serve(ln)
+	p := newPeer(t, 1, &replica{node: 2, addr: ln.Addr().String()}, repl.PeerConfig{})
+	for i := range 3 {
+		req := repl.Request{Type: replproto.TypeWrite, Volume: vol, Epoch: 1, Offset: uint64(i * 4096), Payload: bytes.Repeat([]byte{'x'}, 4096)}
+		if err := p.Send(context.Background(), &req); err != nil {
+			t.Fatalf("write %d: %v", i, err)
+		}
+	}
+	if n := gatherValue(t, reg, "keel_repl_server_inline_writes_total"); n != 0 {
+		t.Fatalf("%v writes applied inline without a SyncApplier", n)
+	}
+}
+
+// gatherValue is the value of the unlabelled metric name in reg.
+func gatherValue(t *testing.T, reg *prometheus.Registry, name string) float64 {
+	t.Helper()
+	mfs, err := reg.Gather()
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, mf := range mfs {
+		if mf.GetName() == name && len(mf.GetMetric()) == 1 {
+			m := mf.GetMetric()[0]
+			if c := m.GetCounter(); c != nil {
+				return c.GetValue()
+			}
+			return m.GetGauge().GetValue()
+		}
+	}
+	t.Fatalf("metric %s not gathered", name)
+	return 0
 }
