@@ -114,19 +114,24 @@ Missing peers are skipped; install them with ` + "`make bench-deps`" + `.`,
 
 func replCommand() *cobra.Command {
 	var (
-		cfg   repl.Config
-		size  string
-		quiet bool
+		cfg     repl.Config
+		size    string
+		quiet   bool
+		ceiling bool
 	)
 	cmd := &cobra.Command{
 		Use:   "repl",
 		Short: "Measure two-way replication against unreplicated keel: IOPS ratio, added latency, CPU and copies per byte",
 		Long: `Run 4 KiB random writes (fio, nbd engine) at QD32 and QD1 against keel serve
 (unreplicated) and against a volume with 2 replicas (keel up --nodes 2
---replicas 2, on loopback), alternating the two rep by rep. Prints a table,
-the QD32 IOPS ratio, the QD1 latency added, CPU seconds per GiB replicated,
-copies per replicated byte and issue 4's PASS/MISS lines, and writes
-repl-latest.json and repl-latest.md into --out.`,
+--replicas 2, on loopback), alternating the setups rep by rep. With
+--ceiling (the default) a third setup writes two keel serve volumes at once,
+one fio job each: the two disk writes of a replicated write and their
+serving without the network between them, which is as far as replication
+can go on a machine whose replicas share its CPUs and disk. Prints a table,
+the QD32 IOPS ratio, the QD1 latency added, the ceiling, CPU seconds per GiB
+replicated, copies per replicated byte and issue 4's PASS/MISS lines, and
+writes repl-latest.json and repl-latest.md into --out.`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			n, err := coordapi.ParseSize(size)
@@ -134,6 +139,7 @@ repl-latest.json and repl-latest.md into --out.`,
 				return fmt.Errorf("--size: %w", err)
 			}
 			cfg.Size = n
+			cfg.NoCeiling = !ceiling
 			cfg.KeelBin = keelBin(cfg.KeelBin)
 			cfg.Command = os.Args
 			cfg.Stdout = cmd.OutOrStdout()
@@ -150,7 +156,8 @@ repl-latest.json and repl-latest.md into --out.`,
 	f := cmd.Flags()
 	f.DurationVar(&cfg.Runtime, "runtime", 10*time.Second, "measured time per workload")
 	f.DurationVar(&cfg.Warmup, "warmup", time.Second, "unmeasured QD1 write run after each start (negative: none)")
-	f.IntVar(&cfg.Reps, "reps", 2, "repetitions; the two setups alternate within each")
+	f.IntVar(&cfg.Reps, "reps", 2, "repetitions; the setups alternate within each")
+	f.BoolVar(&ceiling, "ceiling", true, "also measure the ceiling: two keel serve volumes written at once by two fio jobs (no replication)")
 	f.StringVar(&size, "size", "1G", "volume size (K, M, G, T suffixes are binary)")
 	f.StringVar(&cfg.Dir, "dir", "", "directory for volume files and data directories, on the disk under test, never tmpfs (default: a new directory under /var/tmp)")
 	f.StringVar(&cfg.Out, "out", "bench/results", "directory for repl-latest.json and repl-latest.md (empty: write none)")

@@ -101,6 +101,16 @@ type Summary struct {
 	// CopiesPerByte and ZeroCopyShare are over every replicated run.
 	CopiesPerByte float64 `json:"copies_per_byte"`
 	ZeroCopyShare float64 `json:"zerocopy_share"`
+
+	// The ceiling (Pair: two unreplicated volumes written at once, the
+	// two disk writes of a replicated write and their serving, without
+	// the network between them). CeilingRatioQD32 is its per-volume QD32
+	// IOPS over unreplicated's; ReplicatedOfCeilingQD32 is replicated's
+	// over its; CeilingQD1P50Added its QD1 p50 minus unreplicated's, µs.
+	// 0 when the ceiling was not measured.
+	CeilingRatioQD32        float64 `json:"ceiling_iops_ratio_qd32,omitempty"`
+	ReplicatedOfCeilingQD32 float64 `json:"replicated_of_ceiling_qd32,omitempty"`
+	CeilingQD1P50Added      float64 `json:"ceiling_qd1_p50_added_us,omitempty"`
 }
 
 // Check is one target's verdict.
@@ -135,7 +145,7 @@ const gib = 1 << 30
 func Summarise(runs []Sample) Summary {
 	var s Summary
 	var payload, copied, zc float64
-	for _, setup := range []string{Unreplicated, Replicated} {
+	for _, setup := range []string{Unreplicated, Replicated, Pair} {
 		for _, w := range Workloads {
 			var iops, p50, p99, cpuGiB, cpuRepl, cpb, zcs []float64
 			for _, r := range runs {
@@ -180,13 +190,32 @@ func Summarise(runs []Sample) Summary {
 	if ok2 {
 		s.CPUPerGiBReplicated = r32.CPUPerGiBReplicated
 	}
+	if c32, ok := s.row(Pair, Workloads[0].Name); ok && c32.IOPS > 0 {
+		if u32.IOPS > 0 {
+			s.CeilingRatioQD32 = c32.IOPS / u32.IOPS
+		}
+		s.ReplicatedOfCeilingQD32 = r32.IOPS / c32.IOPS
+	}
 	u1, ok1 := s.row(Unreplicated, Workloads[1].Name)
 	r1, ok2 := s.row(Replicated, Workloads[1].Name)
 	if ok1 && ok2 {
 		s.QD1P50Added = r1.P50 - u1.P50
 		s.QD1P99Added = r1.P99 - u1.P99
 	}
+	if c1, ok := s.row(Pair, Workloads[1].Name); ok && ok1 {
+		s.CeilingQD1P50Added = c1.P50 - u1.P50
+	}
 	return s
+}
+
+// ceilingLine says what the ceiling setup measured, "" when it did not
+// run.
+func (s Summary) ceilingLine() string {
+	if s.CeilingRatioQD32 == 0 {
+		return ""
+	}
+	return fmt.Sprintf("ceiling on this machine (two unreplicated volumes written at once, no replication): per-volume QD32 IOPS %.3f of unreplicated, QD1 p50 %+.1f µs; replicated reaches %.2f of that ceiling",
+		s.CeilingRatioQD32, s.CeilingQD1P50Added, s.ReplicatedOfCeilingQD32)
 }
 
 func (s Summary) row(setup, workload string) (Row, bool) {
@@ -251,6 +280,9 @@ func WriteTable(w io.Writer, r *Report) error {
 	fmt.Fprintf(w, "CPU per GiB (QD32): replicated %.2f s/GiB replicated (both nodes), unreplicated %.2f s/GiB written\n",
 		s.CPUPerGiBReplicated, s.CPUPerGiBUnreplicated)
 	fmt.Fprintf(w, "copies per replicated byte (user + kernel send): %.2f; sent zero-copy: %.0f%%\n", s.CopiesPerByte, 100*s.ZeroCopyShare)
+	if l := s.ceilingLine(); l != "" {
+		fmt.Fprintln(w, l)
+	}
 	for _, c := range r.Checks {
 		fmt.Fprintln(w, c)
 	}
@@ -280,6 +312,9 @@ func Markdown(r *Report) string {
 	fmt.Fprintf(&b, "- QD1 latency added: p50 %+.1f µs, p99 %+.1f µs\n", s.QD1P50Added, s.QD1P99Added)
 	fmt.Fprintf(&b, "- copies per replicated byte (user space + kernel send copy; the receiver's recv copy is not counted): %.2f; sent zero-copy: %.0f%%\n",
 		s.CopiesPerByte, 100*s.ZeroCopyShare)
+	if l := s.ceilingLine(); l != "" {
+		fmt.Fprintf(&b, "- %s\n", l)
+	}
 	for _, c := range r.Checks {
 		fmt.Fprintf(&b, "- %s\n", c)
 	}

@@ -74,6 +74,39 @@ func TestSummariseAndChecks(t *testing.T) {
 	}
 }
 
+func TestSummariseCeiling(t *testing.T) {
+	runs := []Sample{
+		{Rep: 1, Setup: Unreplicated, Workload: "randwrite-4k-qd32", IOPS: 20000, Bytes: gib, CPUSeconds: 1},
+		{Rep: 1, Setup: Unreplicated, Workload: "randwrite-4k-qd1", IOPS: 8000, P50: 100, Bytes: gib, CPUSeconds: 1},
+		{Rep: 1, Setup: Replicated, Workload: "randwrite-4k-qd32", IOPS: 9000, Bytes: gib, CPUSeconds: 1, PayloadBytes: gib},
+		{Rep: 1, Setup: Replicated, Workload: "randwrite-4k-qd1", IOPS: 4000, P50: 200, Bytes: gib, CPUSeconds: 1, PayloadBytes: gib},
+	}
+	s := Summarise(runs)
+	if s.CeilingRatioQD32 != 0 || s.ceilingLine() != "" {
+		t.Errorf("no ceiling run: ratio %v, line %q; want none", s.CeilingRatioQD32, s.ceilingLine())
+	}
+	runs = append(runs,
+		Sample{Rep: 1, Setup: Pair, Workload: "randwrite-4k-qd32", IOPS: 10000, Bytes: gib, CPUSeconds: 1},
+		Sample{Rep: 1, Setup: Pair, Workload: "randwrite-4k-qd1", IOPS: 6000, P50: 150, Bytes: gib, CPUSeconds: 1},
+	)
+	s = Summarise(runs)
+	if len(s.Rows) != 6 {
+		t.Fatalf("%d rows, want 6", len(s.Rows))
+	}
+	// Per-volume 10000 of 20000; replicated 9000 of 10000; 150 − 100 µs.
+	if !near(s.CeilingRatioQD32, 0.5) || !near(s.ReplicatedOfCeilingQD32, 0.9) || !near(s.CeilingQD1P50Added, 50) {
+		t.Errorf("ceiling ratio %v, replicated of ceiling %v, QD1 added %v; want 0.5, 0.9, 50",
+			s.CeilingRatioQD32, s.ReplicatedOfCeilingQD32, s.CeilingQD1P50Added)
+	}
+	if l := s.ceilingLine(); !strings.Contains(l, "0.500 of unreplicated") || !strings.Contains(l, "0.90 of that ceiling") {
+		t.Errorf("ceiling line %q", l)
+	}
+	// The targets stay replicated against unreplicated.
+	if !near(s.IOPSRatioQD32, 0.45) {
+		t.Errorf("IOPS ratio %v, want 0.45", s.IOPSRatioQD32)
+	}
+}
+
 func TestChecksUnmeasured(t *testing.T) {
 	// Only the unreplicated setup ran: nothing to compare, both miss.
 	s := Summarise([]Sample{

@@ -45,8 +45,11 @@ type Config struct {
 	// so that connection set-up (keel up's replication streams open on the
 	// first write) falls outside the figures. Default 1 s; negative: none.
 	Warmup time.Duration
-	Reps   int   // default 2
-	Size   int64 // volume size in bytes; default 1 GiB
+	Reps   int // default 2
+	// NoCeiling skips the two-unreplicated setup (Pair), the measured
+	// ceiling of what replication can reach on this machine.
+	NoCeiling bool
+	Size      int64 // volume size in bytes; default 1 GiB
 	// Dir holds the volume files and data directories, on the disk under
 	// test (not tmpfs). Default: a fresh directory under /var/tmp, removed
 	// afterwards.
@@ -141,8 +144,12 @@ func Run(ctx context.Context, cfg Config) (*Report, error) {
 		Fio:      firstLine(exec.Command(cfg.FioBin, "--version").Output()),
 		Settings: Settings{Runtime: cfg.Runtime.String(), Warmup: max(cfg.Warmup, 0).String(), Reps: cfg.Reps, Size: cfg.Size, Replicas: Nodes, Workloads: Workloads},
 	}
+	setups := []string{Unreplicated, Replicated}
+	if !cfg.NoCeiling {
+		setups = append(setups, Pair)
+	}
 	for rep := range cfg.Reps {
-		for _, setup := range []string{Unreplicated, Replicated} {
+		for _, setup := range setups {
 			if err := turn(ctx, &cfg, r, dir, rep+1, setup); err != nil {
 				if ctx.Err() != nil {
 					return r, ctx.Err()
@@ -179,8 +186,11 @@ func turn(ctx context.Context, cfg *Config, r *Report, dir string, rep int, setu
 	}
 	defer os.RemoveAll(tdir)
 	start := startUnreplicated
-	if setup == Replicated {
+	switch setup {
+	case Replicated:
 		start = startReplicated
+	case Pair:
+		start = startPair
 	}
 	srv, err := start(ctx, cfg, tdir)
 	if err != nil {
@@ -189,12 +199,12 @@ func turn(ctx context.Context, cfg *Config, r *Report, dir string, rep int, setu
 	stopped := false
 	defer func() {
 		if !stopped {
-			_ = srv.p.stop(cfg.StopTimeout)
+			_ = srv.stop(cfg.StopTimeout)
 		}
 	}()
 	log.Info("serving", "uri", srv.uri, "cpu_pids", srv.cpuPids)
 	if cfg.Warmup > 0 {
-		if _, err := runFio(ctx, cfg, srv.uri, tdir, Workload{Name: "warmup", IODepth: 1}, cfg.Warmup); err != nil {
+		if _, err := runFio(ctx, cfg, srv.targets(), tdir, Workload{Name: "warmup", IODepth: 1}, cfg.Warmup); err != nil {
 			return fmt.Errorf("warmup: %w", err)
 		}
 	}
@@ -208,7 +218,7 @@ func turn(ctx context.Context, cfg *Config, r *Report, dir string, rep int, setu
 		log.Info(w.Name, "iops", int(run.IOPS), "p50_us", run.P50, "p99_us", run.P99, "cpu_s", run.CPUSeconds)
 	}
 	stopped = true
-	return srv.p.stop(cfg.StopTimeout)
+	return srv.stop(cfg.StopTimeout)
 }
 
 // measure runs one workload against srv and records fio's figures, the
@@ -225,7 +235,8 @@ func measure(ctx context.Context, cfg *Config, srv *server, dir string, w Worklo
 	if err != nil {
 		return Sample{}, fmt.Errorf("server CPU: %w", err)
 	}
-	fig, err := runFio(ctx, cfg, srv.uri, dir, w, cfg.Runtime)
+	uris := srv.targets()
+	fig, err := runFio(ctx, cfg, uris, dir, w, cfg.Runtime)
 	if err != nil {
 		return Sample{}, err
 	}
@@ -239,7 +250,7 @@ func measure(ctx context.Context, cfg *Config, srv *server, dir string, w Worklo
 		}
 	}
 	run := Sample{
-		Workload: w.Name, IOPS: fig.Write.IOPS,
+		Workload: w.Name, IOPS: fig.Write.IOPS / float64(len(uris)), // per volume
 		P50: fig.Write.Latency.P50, P99: fig.Write.Latency.P99, Mean: fig.Write.Latency.Mean,
 		Bytes: fig.Write.IOs * blockSize, CPUSeconds: cpu1 - cpu0,
 	}
@@ -252,17 +263,22 @@ func measure(ctx context.Context, cfg *Config, srv *server, dir string, w Worklo
 	return run, nil
 }
 
-// runFio runs w against uri for runtime and parses fio's JSON report.
-func runFio(ctx context.Context, cfg *Config, uri, dir string, w Workload, runtime time.Duration) (fio.Figures, error) {
+// runFio runs w against every URI of uris at once, one job each, for
+// runtime and parses fio's JSON report (the jobs reported as one group:
+// IOPS summed, latency percentiles over every I/O).
+func runFio(ctx context.Context, cfg *Config, uris []string, dir string, w Workload, runtime time.Duration) (fio.Figures, error) {
 	output := filepath.Join(dir, "fio.json")
 	_ = os.Remove(output)
-	args := []string{
-		"--name=" + w.Name, "--rw=randwrite", "--bs=" + strconv.Itoa(blockSize),
+	args := []string{ // global options, before the first job
+		"--rw=randwrite", "--bs=" + strconv.Itoa(blockSize),
 		"--iodepth=" + strconv.Itoa(w.IODepth), "--numjobs=1", "--group_reporting=1",
 		"--time_based=1", "--runtime=" + strconv.FormatInt(runtime.Milliseconds(), 10) + "ms",
 		"--norandommap=1", "--percentile_list=50:99:99.9",
 		"--output-format=json", "--output=" + output,
-		"--ioengine=nbd", "--uri=" + uri,
+		"--ioengine=nbd",
+	}
+	for i, uri := range uris {
+		args = append(args, "--name="+w.Name+"-"+strconv.Itoa(i+1), "--uri="+uri)
 	}
 	fctx, cancel := context.WithTimeout(ctx, runtime+60*time.Second)
 	defer cancel()

@@ -18,6 +18,9 @@ import (
 const (
 	Unreplicated = "unreplicated"
 	Replicated   = "replicated"
+	// Pair is the ceiling: two `keel serve` volumes written at once by two
+	// fio jobs, no replication. Its figures are per volume.
+	Pair = "two-unreplicated"
 )
 
 // exportName is what `keel serve` exports and `keel up` names its volume.
@@ -97,6 +100,10 @@ func logTail(path string) string {
 type server struct {
 	p   *proc
 	uri string
+	// Pair only: the second keel serve and both URIs (fio writes to
+	// every URI at once, one job each).
+	p2   *proc
+	uris []string
 	// cpuPids are the processes whose CPU is counted.
 	cpuPids []int
 	// metricsURLs are the nodes' /metrics endpoints (replicated only).
@@ -174,6 +181,50 @@ func startUnreplicated(ctx context.Context, cfg *Config, dir string) (*server, e
 		return nil, err
 	}
 	return s, nil
+}
+
+// startPair runs two `keel serve` on fresh files in dir: the same
+// work as a replicated write's two disk writes and their serving, with no
+// replication between them.
+func startPair(ctx context.Context, cfg *Config, dir string) (*server, error) {
+	var srvs [2]*server
+	for i := range srvs {
+		sub := filepath.Join(dir, fmt.Sprintf("v%d", i+1))
+		err := os.MkdirAll(sub, 0o755)
+		if err == nil {
+			srvs[i], err = startUnreplicated(ctx, cfg, sub)
+		}
+		if err != nil {
+			if i == 1 {
+				_ = srvs[0].p.stop(cfg.StopTimeout)
+			}
+			return nil, err
+		}
+	}
+	return &server{
+		p: srvs[0].p, p2: srvs[1].p, uri: srvs[0].uri,
+		uris:    []string{srvs[0].uri, srvs[1].uri},
+		cpuPids: append(srvs[0].cpuPids, srvs[1].cpuPids...),
+	}, nil
+}
+
+// targets are the URIs fio writes to: one, or both of a pair.
+func (s *server) targets() []string {
+	if s.uris != nil {
+		return s.uris
+	}
+	return []string{s.uri}
+}
+
+// stop stops every process of the setup.
+func (s *server) stop(grace time.Duration) error {
+	err := s.p.stop(grace)
+	if s.p2 != nil {
+		if err2 := s.p2.stop(grace); err == nil {
+			err = err2
+		}
+	}
+	return err
 }
 
 // startReplicated runs `keel up --nodes 2 --replicas 2` on a fresh data

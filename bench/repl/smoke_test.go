@@ -16,7 +16,7 @@ import (
 )
 
 // TestSmoke runs the real benchmark for a second per workload, one rep, on
-// 64 MiB volumes, and checks that both setups measured non-zero figures
+// 64 MiB volumes, and checks that all three setups measured non-zero figures
 // and that repl-latest.json holds them. It asserts nothing about speed.
 func TestSmoke(t *testing.T) {
 	if testing.Short() {
@@ -79,8 +79,8 @@ func TestSmoke(t *testing.T) {
 	if !bytes.Contains(got, []byte(`"iops_ratio_qd32"`)) {
 		t.Fatalf("repl-latest.json lacks the summary:\n%s", got)
 	}
-	if len(r.Runs) != 2*len(repl.Workloads) {
-		t.Fatalf("%d samples, want %d", len(r.Runs), 2*len(repl.Workloads))
+	if len(r.Runs) != 3*len(repl.Workloads) {
+		t.Fatalf("%d samples, want %d (unreplicated, replicated, two-unreplicated)", len(r.Runs), 3*len(repl.Workloads))
 	}
 	for _, s := range r.Runs {
 		if s.IOPS <= 0 || s.P50 <= 0 || s.P99 <= 0 || s.Bytes <= 0 || s.CPUSeconds <= 0 {
@@ -91,7 +91,7 @@ func TestSmoke(t *testing.T) {
 		}
 	}
 	sum := r.Summary
-	if sum.IOPSRatioQD32 <= 0 || sum.CPUPerGiBReplicated <= 0 || sum.CPUPerGiBUnreplicated <= 0 {
+	if sum.IOPSRatioQD32 <= 0 || sum.CPUPerGiBReplicated <= 0 || sum.CPUPerGiBUnreplicated <= 0 || sum.CeilingRatioQD32 <= 0 {
 		t.Errorf("summary %+v: want non-zero ratio and CPU per GiB", sum)
 	}
 	if len(r.Checks) != 2 || !r.Checks[0].Measured || !r.Checks[1].Measured {
