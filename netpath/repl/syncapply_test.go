@@ -34,15 +34,7 @@ func TestSyncApplierAtDepthOne(t *testing.T) {
 	const vol = 1
 	app := &syncApplier{memApplier: newMemApplier()}
 	app.addVolume(vol, 64<<10, 1)
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	reg := prometheus.NewRegistry()
-	srv := repl.NewServer(repl.ServerConfig{Node: 2, Applier: app, Workers: 4, Metrics: repl.NewMetrics(reg)})
-	t.Cleanup(func() { srv.Close() })
-	go srv.Serve(ln)
-	p := newPeer(t, 1, &replica{node: 2, addr: ln.Addr().String()}, repl.PeerConfig{})
+	p, reg := serveOne(t, app, 4)
 	write := func(off int, b byte) repl.Request {
 		return repl.Request{Type: replproto.TypeWrite, Volume: vol, Epoch: 1, Offset: uint64(off), Payload: bytes.Repeat([]byte{b}, 4096)}
 	}
@@ -94,15 +86,7 @@ func TestNoInlineWithoutSyncApplier(t *testing.T) {
 	const vol = 1
 	app := newMemApplier()
 	app.addVolume(vol, 64<<10, 1)
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	reg := prometheus.NewRegistry()
-	srv := repl.NewServer(repl.ServerConfig{Node: 2, Applier: app, Workers: 2, Metrics: repl.NewMetrics(reg)})
-	t.Cleanup(func() { srv.Close() })
-	go srv.Serve(ln)
-	p := newPeer(t, 1, &replica{node: 2, addr: ln.Addr().String()}, repl.PeerConfig{})
+	p, reg := serveOne(t, app, 2)
 	for i := range 3 {
 		req := repl.Request{Type: replproto.TypeWrite, Volume: vol, Epoch: 1, Offset: uint64(i * 4096), Payload: bytes.Repeat([]byte{'x'}, 4096)}
 		if err := p.Send(context.Background(), &req); err != nil {
@@ -112,6 +96,22 @@ func TestNoInlineWithoutSyncApplier(t *testing.T) {
 	if n := gatherValue(t, reg, "keel_repl_server_inline_writes_total"); n != 0 {
 		t.Fatalf("%v writes applied inline without a SyncApplier", n)
 	}
+}
+
+// serveOne starts a replica (node 2) applying through app with workers
+// workers, and a Peer (node 1) streaming to it; it returns the Peer and the
+// replica's metrics registry.
+func serveOne(t *testing.T, app repl.Applier, workers int) (*repl.Peer, *prometheus.Registry) {
+	t.Helper()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	reg := prometheus.NewRegistry()
+	srv := repl.NewServer(repl.ServerConfig{Node: 2, Applier: app, Workers: workers, Metrics: repl.NewMetrics(reg)})
+	t.Cleanup(func() { srv.Close() })
+	go srv.Serve(ln)
+	return newPeer(t, 1, &replica{node: 2, addr: ln.Addr().String()}, repl.PeerConfig{}), reg
 }
 
 // gatherValue is the value of the unlabelled metric name in reg.
