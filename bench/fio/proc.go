@@ -251,7 +251,8 @@ func parseStat(b []byte) (procStat, error) {
 	st.pid = pid
 	f := strings.Fields(string(b[end+1:]))
 	// f[0] is field 3 (state); utime is field 14, so f[11].
-	if len(f) < 15 || len(f[0]) != 1 {
+	// The state is one letter (R, S, D, Z, T, ...).
+	if len(f) < 15 || len(f[0]) != 1 || !('A' <= f[0][0] && f[0][0] <= 'Z' || 'a' <= f[0][0] && f[0][0] <= 'z') {
 		return procStat{}, fmt.Errorf("malformed /proc stat fields %q", truncate(b))
 	}
 	st.state = f[0][0]
