@@ -49,7 +49,7 @@ bench-deps: ## install the peer servers the benchmarks compare against
 bench: build ## run the default fio suite: keel, its peers and the raw disk; writes bench/results/latest.{json,svg}
 	./bin/keel bench fio --out bench/results
 
-bench-repl: build ## replicated (2 replicas) vs unreplicated 4 KiB writes, side by side; writes bench/results/repl-latest.{json,md}
+bench-repl: build ## replicated (2 replicas) vs unreplicated 4 KiB writes and the two-volume ceiling, side by side (about 6 min); writes bench/results/repl-latest.{json,md}
 	./bin/keel bench repl --runtime 10s --reps 2
 
 clean: ## remove built files (not data/)
