@@ -8,7 +8,14 @@
 //   - replicated: `keel up --nodes 2 --replicas 2` on a fresh data
 //     directory (a coordinator and two `keel node` child processes on
 //     loopback, each with a metrics endpoint); fio talks to the primary's
-//     NBD URI that keel up prints.
+//     NBD URI that keel up prints;
+//   - two-unreplicated (the ceiling; Config.NoCeiling skips it): two
+//     `keel serve` on fresh files, written at once by one fio run with a
+//     job per volume. It does the two disk writes of a replicated write and
+//     their serving with no network between them, so on a machine whose
+//     CPUs and disk the replicas share it is the reference for what
+//     replication can reach. Its figures are per volume (IOPS halved,
+//     latency over every I/O of both jobs).
 //
 // Workloads: fio's nbd engine, 4 KiB random writes at QD32 and at QD1, one
 // connection, no ramp (so that fio's byte count covers the whole CPU
@@ -37,7 +44,9 @@
 //     (keel_repl_zerocopy_bytes_total / payload) is reported too.
 //
 // Targets (issue 4): replicated QD32 IOPS ≥ 0.7 × unreplicated, and
-// replicated QD1 p50 latency ≤ unreplicated + 60 µs.
+// replicated QD1 p50 latency ≤ unreplicated + 60 µs. The summary also
+// gives the ceiling's QD32 IOPS over unreplicated's, replicated's over the
+// ceiling's, and the ceiling's QD1 p50 added.
 //
 // Output: a table and PASS/MISS lines on Stdout; repl-latest.json and
 // repl-latest.md in Config.Out.
