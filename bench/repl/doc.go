@@ -2,7 +2,7 @@
 // measured against unreplicated keel in the same run.
 //
 // Setups, alternated rep by rep (A B A B ...) so that drift on a shared
-// machine falls on both alike:
+// machine falls on all alike:
 //
 //   - unreplicated: `keel serve` on a fresh file, NBD on loopback TCP;
 //   - replicated: `keel up --nodes 2 --replicas 2` on a fresh data
