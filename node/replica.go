@@ -115,6 +115,9 @@ type replicator struct {
 	// testBeforeRegion, when set (tests only), runs before the sync engine
 	// copies each range.
 	testBeforeRegion func(off, n int64)
+	// testInCopy, when set (tests only), runs in a sync copier holding a
+	// range's lock, after reading it and before sending it.
+	testInCopy func(off, n int64)
 
 	syncWG sync.WaitGroup // the sync engine's tasks (Node.Close waits for them)
 

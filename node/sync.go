@@ -35,7 +35,11 @@ import (
 //     overtakes the copy: invariant 3), read with O_DIRECT into an
 //     aligned buffer that is the buffer the replication stream sends
 //     (zero-copy), paced by the recovery throttle; a range that is all
-//     zeroes here goes as a ZEROES frame;
+//     zeroes here goes as a ZEROES frame. Up to syncDepth ranges are in
+//     flight at once (each with its own buffer and range lock, held until
+//     the member acknowledges it), so that reading the next ranges here
+//     overlaps sending and writing the earlier ones there, and the copy is
+//     not bound by one round trip per range;
 //  4. FLUSH the member; then, behind the barrier again (no live write in
 //     flight), if no live write to it failed, ask the coordinator to
 //     rejoin it (Agent.Rejoin) and act on the new assignment: the member
@@ -55,6 +59,10 @@ var syncBackoff = coordclient.Backoff{Base: time.Second, Max: time.Minute}
 
 // syncChunk is the largest range one copy frame carries.
 const syncChunk = 4 << 20
+
+// syncDepth is how many copy frames of one task are in flight at once
+// (syncDepth × syncChunk bytes of buffers while it copies).
+const syncDepth = 4
 
 var errDetached = errors.New("node: the catching member left the view")
 
@@ -379,21 +387,8 @@ func (t *syncTask) sync(kind coordapi.SyncKind) error {
 	t.setTotal(total)
 	t.log.Info("sync started", "kind", kind, "bytes", total, "ranges", len(spans), "volume_size", r.vol.Size())
 	start := time.Now()
-	buf := iobuf.Get(syncChunk)
-	defer buf.Release()
-	for _, s := range spans {
-		for off := s.off; off < s.off+s.n; off += syncChunk {
-			n := min(syncChunk, s.off+s.n-off)
-			if err := t.check(p); err != nil {
-				return err
-			}
-			if r.x.testBeforeRegion != nil {
-				r.x.testBeforeRegion(off, n)
-			}
-			if err := t.copyRange(p, buf, off, n, kind); err != nil {
-				return err
-			}
-		}
+	if err := t.copySpans(p, spans, kind); err != nil {
+		return err
 	}
 	flush := repl.Request{Type: replproto.TypeFlush, Volume: r.num, Epoch: t.epoch}
 	if err := p.rp.Send(t.ctx, &flush); err != nil {
@@ -401,6 +396,65 @@ func (t *syncTask) sync(kind coordapi.SyncKind) error {
 	}
 	t.log.Info("sync copied: asking to rejoin", "kind", kind, "copied", t.copied.Load(), "took", time.Since(start).Round(time.Millisecond))
 	return t.rejoin(p, kind)
+}
+
+// copySpans copies spans to p in syncChunk ranges, syncDepth of them at
+// once: one goroutine hands out the ranges in order, syncDepth copiers
+// (each with its own buffer) copy them. The first failure stops the
+// hand-out and cancels the copies in flight; it is returned once every
+// copier has ended, so that no buffer or range lock outlives the call.
+func (t *syncTask) copySpans(p *peer, spans []span, kind coordapi.SyncKind) error {
+	type rng struct{ off, n int64 }
+	ctx, cancel := context.WithCancel(t.ctx)
+	defer cancel()
+	var (
+		wg       sync.WaitGroup
+		errOnce  sync.Once
+		firstErr error
+	)
+	fail := func(err error) {
+		errOnce.Do(func() { firstErr = err })
+		cancel()
+	}
+	work := make(chan rng)
+	for range syncDepth {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			buf := iobuf.Get(syncChunk)
+			defer buf.Release()
+			for c := range work {
+				if err := t.copyRange(ctx, p, buf, c.off, c.n, kind); err != nil {
+					fail(err)
+					return
+				}
+			}
+		}()
+	}
+hand:
+	for _, s := range spans {
+		for off := s.off; off < s.off+s.n; off += syncChunk {
+			n := min(syncChunk, s.off+s.n-off)
+			if err := t.check(p); err != nil {
+				fail(err)
+				break hand
+			}
+			if t.r.x.testBeforeRegion != nil {
+				t.r.x.testBeforeRegion(off, n)
+			}
+			select {
+			case work <- rng{off, n}:
+			case <-ctx.Done():
+				break hand
+			}
+		}
+	}
+	close(work)
+	wg.Wait()
+	if firstErr != nil {
+		return firstErr
+	}
+	return t.ctx.Err() // stopped while handing out: not a completed copy
 }
 
 // check says whether the copy may go on: the task runs, no live write to
@@ -432,12 +486,13 @@ func (r *replica) allZero(off, n int64) bool {
 
 // copyRange sends [off, off+n) of the local replica to p as a sync frame
 // and waits for its acknowledgement, holding the range lock meanwhile.
-func (t *syncTask) copyRange(p *peer, buf *iobuf.Buf, off, n int64, kind coordapi.SyncKind) error {
+// ctx is the copy's (canceled when another range failed).
+func (t *syncTask) copyRange(ctx context.Context, p *peer, buf *iobuf.Buf, off, n int64, kind coordapi.SyncKind) error {
 	r := t.r
 	zero := r.allZero(off, n)
 	if !zero && r.x.throttle != nil {
 		// Before the lock: a throttled copy must not hold up live writes.
-		if err := r.x.throttle.Wait(t.ctx, int(n)); err != nil {
+		if err := r.x.throttle.Wait(ctx, int(n)); err != nil {
 			return err
 		}
 	}
@@ -454,7 +509,10 @@ func (t *syncTask) copyRange(p *peer, buf *iobuf.Buf, off, n int64, kind coordap
 		}
 		req.Type, req.Payload = replproto.TypeWrite, b
 	}
-	if err := p.rp.Send(t.ctx, &req); err != nil {
+	if r.x.testInCopy != nil {
+		r.x.testInCopy(off, n)
+	}
+	if err := p.rp.Send(ctx, &req); err != nil {
 		return fmt.Errorf("copying [%d, +%d) to %s: %w", off, n, t.target, err)
 	}
 	t.copied.Add(n)

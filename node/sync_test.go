@@ -417,6 +417,58 @@ func TestCatchingPeerFailure(t *testing.T) {
 	}
 }
 
+// TestRemirrorPipelined: a re-mirror keeps more than one range in flight
+// (the second range is read and sent while the first is held before its
+// send), and the member ends identical to the primary.
+func TestRemirrorPipelined(t *testing.T) {
+	const size = 4 * syncChunk
+	s1 := startSecondary(t, "s1", "vol-1", size, true)
+	s2 := startSecondary(t, "s2", "vol-1", size, true)
+	pvol, _ := memVolume(t, "p", size, 1)
+	t.Cleanup(func() { pvol.Close() })
+	// Data on the primary and the in-sync member that the out-of-sync one
+	// lacks; no range is zero, so every range is read and sent as data.
+	data := make([]byte, size)
+	for i := range data {
+		data[i] = byte(i/4096) ^ byte(i)
+	}
+	for _, v := range []*volume.Volume{pvol, s1.vol} {
+		if err := v.WriteAt(data, 0, true); err != nil {
+			t.Fatal(err)
+		}
+	}
+	as := primaryOf(size, secondaryPeer("s1", s1.addr, true, true), secondaryPeer("s2", s2.addr, false, true))
+	fc := newFakeCoord(as, coordapi.SyncRemirror)
+	r := testPrimary(t, pvol, fc)
+	second := make(chan struct{})
+	var entered atomic.Int32
+	var overlapped atomic.Bool
+	r.x.testInCopy = func(off, n int64) {
+		switch entered.Add(1) {
+		case 1: // hold the first range until another is being copied
+			select {
+			case <-second:
+				overlapped.Store(true)
+			case <-time.After(30 * time.Second):
+			}
+		case 2:
+			close(second)
+		}
+	}
+	if err := r.apply(fc.assignment()); err != nil {
+		t.Fatal(err)
+	}
+	if copied := waitRejoin(t, fc, 90*time.Second); copied != size {
+		t.Fatalf("re-mirror copied %d bytes, want %d", copied, size)
+	}
+	if !overlapped.Load() {
+		t.Fatal("no second range was copied while the first was in flight: the copy is not pipelined")
+	}
+	if p, b := volumeSum(t, pvol), volumeSum(t, s2.vol); p != b {
+		t.Fatalf("replicas differ after the re-mirror: primary %x s2 %x", p[:4], b[:4])
+	}
+}
+
 // TestSecondaryMarksDegradedFrames: a secondary records the ranges of
 // frames sent while a member is out of sync in its own bitmap (so that it
 // can catch that member up if it is promoted), and clears the bitmap when
