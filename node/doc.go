@@ -154,7 +154,8 @@
 //	copy each range in chunks of up to 4 MiB: throttle.Wait, range lock,
 //	O_DIRECT read into an iobuf buffer (a range that is all holes or zeroes
 //	goes as a ZEROES frame), WRITE|SYNC frame to the member from that same
-//	buffer, wait for its ACK, unlock; progress in every heartbeat
+//	buffer, wait for its ACK, unlock; up to 4 chunks in flight at once,
+//	each with its own buffer and lock; progress in every heartbeat
 //	(ReplicaReport.Syncs: done, total, rate), which keeps the slot
 //	     ▼
 //	FLUSH the member; whole-volume range lock again (no write in flight can
