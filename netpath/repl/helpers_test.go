@@ -248,13 +248,18 @@ type replica struct {
 	done chan error
 }
 
+// startReplica serves app (or cfg.Applier, which must apply to app) as
+// node on a loopback listener.
 func startReplica(t *testing.T, node uint64, app *memApplier, cfg repl.ServerConfig) *replica {
 	t.Helper()
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		t.Fatal(err)
 	}
-	cfg.Node, cfg.Applier = node, app
+	cfg.Node = node
+	if cfg.Applier == nil { // else a wrapper of app (a SyncApplier, say)
+		cfg.Applier = app
+	}
 	r := &replica{node: node, app: app, srv: repl.NewServer(cfg), l: &trackListener{Listener: ln, accepted: make(chan struct{}, 1024)},
 		addr: ln.Addr().String(), done: make(chan error, 1)}
 	go func() { r.done <- r.srv.Serve(r.l) }()

@@ -286,12 +286,23 @@ func TestFlushAndFUASemantics(t *testing.T) {
 // raises the replica's epoch (persisted before it is acknowledged); the
 // old primary's next write is refused with the replica's epoch, and its
 // Fence flips at once, so that later writes are refused without being sent.
+// With a SyncApplier every write here is alone on its stream and applied
+// on the stream's reader: the epoch must still be persisted first.
 func TestStaleEpochFencesOldPrimary(t *testing.T) {
+	t.Run("workers", func(t *testing.T) { testStaleEpochFences(t, false) })
+	t.Run("inline", func(t *testing.T) { testStaleEpochFences(t, true) })
+}
+
+func testStaleEpochFences(t *testing.T, inline bool) {
 	const vol = 5
 	app := newMemApplier()
 	app.addVolume(vol, 1<<20, 1)
 	app.record = true
-	r := startReplica(t, 2, app, repl.ServerConfig{})
+	var cfg repl.ServerConfig
+	if inline {
+		cfg.Applier = &syncApplier{memApplier: app}
+	}
+	r := startReplica(t, 2, app, cfg)
 	fenced := make(chan [2]uint64, 4)
 	oldFence := repl.NewFence(func(v, e uint64) { fenced <- [2]uint64{v, e} })
 	old := newPeer(t, 1, r, repl.PeerConfig{Fence: oldFence})

@@ -3,7 +3,6 @@ package repl_test
 import (
 	"bytes"
 	"context"
-	"net"
 	"sync/atomic"
 	"testing"
 	"time"
@@ -34,7 +33,7 @@ func TestSyncApplierAtDepthOne(t *testing.T) {
 	const vol = 1
 	app := &syncApplier{memApplier: newMemApplier()}
 	app.addVolume(vol, 64<<10, 1)
-	p, reg := serveOne(t, app, 4)
+	p, reg := serveOne(t, app.memApplier, app, 4)
 	write := func(off int, b byte) repl.Request {
 		return repl.Request{Type: replproto.TypeWrite, Volume: vol, Epoch: 1, Offset: uint64(off), Payload: bytes.Repeat([]byte{b}, 4096)}
 	}
@@ -86,7 +85,7 @@ func TestNoInlineWithoutSyncApplier(t *testing.T) {
 	const vol = 1
 	app := newMemApplier()
 	app.addVolume(vol, 64<<10, 1)
-	p, reg := serveOne(t, app, 2)
+	p, reg := serveOne(t, app, app, 2)
 	for i := range 3 {
 		req := repl.Request{Type: replproto.TypeWrite, Volume: vol, Epoch: 1, Offset: uint64(i * 4096), Payload: bytes.Repeat([]byte{'x'}, 4096)}
 		if err := p.Send(context.Background(), &req); err != nil {
@@ -98,20 +97,14 @@ func TestNoInlineWithoutSyncApplier(t *testing.T) {
 	}
 }
 
-// serveOne starts a replica (node 2) applying through app with workers
-// workers, and a Peer (node 1) streaming to it; it returns the Peer and the
-// replica's metrics registry.
-func serveOne(t *testing.T, app repl.Applier, workers int) (*repl.Peer, *prometheus.Registry) {
+// serveOne starts a replica (node 2) applying through app, which applies
+// to mem, with workers workers, and a Peer (node 1) streaming to it; it
+// returns the Peer and the replica's metrics registry.
+func serveOne(t *testing.T, mem *memApplier, app repl.Applier, workers int) (*repl.Peer, *prometheus.Registry) {
 	t.Helper()
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
 	reg := prometheus.NewRegistry()
-	srv := repl.NewServer(repl.ServerConfig{Node: 2, Applier: app, Workers: workers, Metrics: repl.NewMetrics(reg)})
-	t.Cleanup(func() { srv.Close() })
-	go srv.Serve(ln)
-	return newPeer(t, 1, &replica{node: 2, addr: ln.Addr().String()}, repl.PeerConfig{}), reg
+	r := startReplica(t, 2, mem, repl.ServerConfig{Applier: app, Workers: workers, Metrics: repl.NewMetrics(reg)})
+	return newPeer(t, 1, r, repl.PeerConfig{}), reg
 }
 
 // gatherValue is the value of the unlabelled metric name in reg.
