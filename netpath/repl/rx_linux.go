@@ -58,17 +58,26 @@ func (r *rawReader) readv(a, b []byte) (int, error) {
 // call is the RawConn.Read callback: one readv; on EAGAIN it returns false
 // (wait for readability).
 func (r *rawReader) call(fd uintptr) bool {
+	n, e := sysRetry(unix.SYS_READV, fd, uintptr(unsafe.Pointer(&r.iov[0])), uintptr(r.n))
+	if e == unix.EAGAIN {
+		return false
+	}
+	r.got, r.errno = n, e
+	return true
+}
+
+// sysRetry makes one system call for a RawConn callback, again while it
+// is interrupted (EINTR). It returns the call's result (0 on an error) and
+// errno: EAGAIN for the callback to decide whether to wait.
+func sysRetry(trap, a1, a2, a3 uintptr) (int, unix.Errno) {
 	for {
-		n, _, e := unix.Syscall(unix.SYS_READV, fd, uintptr(unsafe.Pointer(&r.iov[0])), uintptr(r.n))
+		n, _, e := unix.Syscall(trap, a1, a2, a3)
 		switch e {
 		case unix.EINTR:
 			continue
-		case unix.EAGAIN:
-			return false
 		case 0:
-			r.got = int(n)
+			return int(n), 0
 		}
-		r.errno = e
-		return true
+		return 0, e
 	}
 }

@@ -71,20 +71,13 @@ func (w *rawWriter) writev(rc syscall.RawConn, bufs [][]byte, wait bool) (int, e
 // call is the RawConn.Write callback: one writev. On EAGAIN it returns
 // false (wait for writability) when waiting, else true having sent nothing.
 func (w *rawWriter) call(fd uintptr) bool {
-	for {
-		n, _, e := unix.Syscall(unix.SYS_WRITEV, fd, uintptr(unsafe.Pointer(&w.iov[0])), uintptr(w.n))
-		switch e {
-		case unix.EINTR:
-			continue
-		case unix.EAGAIN:
-			if w.wait {
-				return false
-			}
-			e = 0
-		case 0:
-			w.sent = int(n)
+	n, e := sysRetry(unix.SYS_WRITEV, fd, uintptr(unsafe.Pointer(&w.iov[0])), uintptr(w.n))
+	if e == unix.EAGAIN {
+		if w.wait {
+			return false
 		}
-		w.errno = e
-		return true
+		e = 0
 	}
+	w.sent, w.errno = n, e
+	return true
 }

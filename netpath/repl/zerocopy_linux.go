@@ -63,19 +63,12 @@ func (z *zcSys) init() {
 // sendmsg is the RawConn.Write callback: one sendmsg(MSG_ZEROCOPY) of the
 // prepared iovecs. It returns false (wait for writability) on EAGAIN.
 func (z *zcSys) sendmsg(fd uintptr) bool {
-	for {
-		n, _, e := unix.Syscall(unix.SYS_SENDMSG, fd, uintptr(unsafe.Pointer(&z.msg)), unix.MSG_ZEROCOPY)
-		switch e {
-		case unix.EINTR:
-			continue
-		case unix.EAGAIN:
-			return false
-		case 0:
-			z.sent = int(n)
-		}
-		z.errno = e
-		return true
+	n, e := sysRetry(unix.SYS_SENDMSG, fd, uintptr(unsafe.Pointer(&z.msg)), unix.MSG_ZEROCOPY)
+	if e == unix.EAGAIN {
+		return false
 	}
+	z.sent, z.errno = n, e
+	return true
 }
 
 // sendZeroCopy sends the bytes of hdr and payload from offset off with one
@@ -124,11 +117,7 @@ func (z *zcSys) reap(fd uintptr) {
 	for {
 		z.rmsg.Controllen = uint64(len(z.oob) * 8)
 		z.rmsg.Iov, z.rmsg.Iovlen = nil, 0
-		_, _, e := unix.Syscall(unix.SYS_RECVMSG, fd, uintptr(unsafe.Pointer(&z.rmsg)), unix.MSG_ERRQUEUE|unix.MSG_DONTWAIT)
-		if e == unix.EINTR {
-			continue
-		}
-		if e != 0 {
+		if _, e := sysRetry(unix.SYS_RECVMSG, fd, uintptr(unsafe.Pointer(&z.rmsg)), unix.MSG_ERRQUEUE|unix.MSG_DONTWAIT); e != 0 {
 			return // EAGAIN: the queue is empty
 		}
 		z.parse(int(z.rmsg.Controllen))
