@@ -68,19 +68,16 @@ func (a *applier) ApplyEpoch(vol, e uint64) error {
 }
 
 func (a *applier) WriteAt(vol uint64, p []byte, off int64, flags replproto.Flags) error {
-	r, err := a.get(vol)
-	if err != nil {
-		return err
-	}
-	if err := r.applyFlags(off, int64(len(p)), flags); err != nil {
-		return err
-	}
-	return r.vol.WriteAt(p, off, flags&replproto.FlagFUA != 0)
+	return a.write(vol, p, off, flags, false)
 }
 
 // WriteAtSync is WriteAt with the local write done synchronously on the
 // calling goroutine (the Server calls it for a frame alone on its stream).
 func (a *applier) WriteAtSync(vol uint64, p []byte, off int64, flags replproto.Flags) error {
+	return a.write(vol, p, off, flags, true)
+}
+
+func (a *applier) write(vol uint64, p []byte, off int64, flags replproto.Flags, sync bool) error {
 	r, err := a.get(vol)
 	if err != nil {
 		return err
@@ -88,7 +85,11 @@ func (a *applier) WriteAtSync(vol uint64, p []byte, off int64, flags replproto.F
 	if err := r.applyFlags(off, int64(len(p)), flags); err != nil {
 		return err
 	}
-	return r.vol.WriteAtSync(p, off, flags&replproto.FlagFUA != 0)
+	fua := flags&replproto.FlagFUA != 0
+	if sync {
+		return r.vol.WriteAtSync(p, off, fua)
+	}
+	return r.vol.WriteAt(p, off, fua)
 }
 
 func (a *applier) Trim(vol uint64, off, length int64, flags replproto.Flags) error {

@@ -338,6 +338,20 @@ func firstDiff(a, b []byte) int {
 	return -1
 }
 
+// primaryOfTwo starts two in-memory secondaries of vol-1 (s1 in sync, s2
+// in sync as s2InSync says) and a primary of an in-memory volume (seeded
+// with seed) whose fake coordinator grants kind; nothing is applied yet.
+func primaryOfTwo(t *testing.T, size int64, seed uint64, s2InSync bool, kind coordapi.SyncKind) (s1, s2 *secondary, pvol *volume.Volume, fc *fakeCoord, r *replica) {
+	t.Helper()
+	s1 = startSecondary(t, "s1", "vol-1", size, true)
+	s2 = startSecondary(t, "s2", "vol-1", size, true)
+	pvol, _ = memVolume(t, "p", size, seed)
+	t.Cleanup(func() { pvol.Close() })
+	as := primaryOf(size, secondaryPeer("s1", s1.addr, true, true), secondaryPeer("s2", s2.addr, s2InSync, true))
+	fc = newFakeCoord(as, kind)
+	return s1, s2, pvol, fc, testPrimary(t, pvol, fc)
+}
+
 // TestCatchingPeerFailure: while a member is being caught up it gets every
 // live write; when those fail (its replica went away), the client's writes
 // still succeed on the in-sync set, nothing is reported lost, and the sync
@@ -345,13 +359,7 @@ func firstDiff(a, b []byte) int {
 // end identical.
 func TestCatchingPeerFailure(t *testing.T) {
 	const size = 4 << 20
-	s1 := startSecondary(t, "s1", "vol-1", size, true)
-	s2 := startSecondary(t, "s2", "vol-1", size, true)
-	pvol, _ := memVolume(t, "p", size, 1)
-	t.Cleanup(func() { pvol.Close() })
-	as := primaryOf(size, secondaryPeer("s1", s1.addr, true, true), secondaryPeer("s2", s2.addr, false, true))
-	fc := newFakeCoord(as, coordapi.SyncRemirror)
-	r := testPrimary(t, pvol, fc)
+	s1, s2, pvol, fc, r := primaryOfTwo(t, size, 1, false, coordapi.SyncRemirror)
 	be := &Backend{r: r}
 	// The copy stops at its first range until the test has broken the
 	// member and written.
@@ -422,10 +430,7 @@ func TestCatchingPeerFailure(t *testing.T) {
 // send), and the member ends identical to the primary.
 func TestRemirrorPipelined(t *testing.T) {
 	const size = 4 * syncChunk
-	s1 := startSecondary(t, "s1", "vol-1", size, true)
-	s2 := startSecondary(t, "s2", "vol-1", size, true)
-	pvol, _ := memVolume(t, "p", size, 1)
-	t.Cleanup(func() { pvol.Close() })
+	s1, s2, pvol, fc, r := primaryOfTwo(t, size, 1, false, coordapi.SyncRemirror)
 	// Data on the primary and the in-sync member that the out-of-sync one
 	// lacks; no range is zero, so every range is read and sent as data.
 	data := make([]byte, size)
@@ -437,9 +442,6 @@ func TestRemirrorPipelined(t *testing.T) {
 			t.Fatal(err)
 		}
 	}
-	as := primaryOf(size, secondaryPeer("s1", s1.addr, true, true), secondaryPeer("s2", s2.addr, false, true))
-	fc := newFakeCoord(as, coordapi.SyncRemirror)
-	r := testPrimary(t, pvol, fc)
 	second := make(chan struct{})
 	var entered atomic.Int32
 	var overlapped atomic.Bool
@@ -527,13 +529,7 @@ func TestSecondaryMarksDegradedFrames(t *testing.T) {
 // that took it are sent it again marked degraded.
 func TestLossMarksBeforeAck(t *testing.T) {
 	const size = 4 << 20
-	s1 := startSecondary(t, "s1", "vol-1", size, true)
-	s2 := startSecondary(t, "s2", "vol-1", size, true)
-	pvol, _ := memVolume(t, "p", size, 3)
-	t.Cleanup(func() { pvol.Close() })
-	as := primaryOf(size, secondaryPeer("s1", s1.addr, true, true), secondaryPeer("s2", s2.addr, true, true))
-	fc := newFakeCoord(as, coordapi.SyncCatchUp)
-	r := testPrimary(t, pvol, fc)
+	s1, s2, pvol, fc, r := primaryOfTwo(t, size, 3, true, coordapi.SyncCatchUp)
 	if err := r.apply(fc.assignment()); err != nil {
 		t.Fatal(err)
 	}
