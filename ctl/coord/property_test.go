@@ -444,14 +444,7 @@ func (s *sim) chaos() error {
 				if err != nil || r.Err != nil || s.lost(n) {
 					return err
 				}
-				as := *r.Assignment
-				s.at(s.delay(), func() error {
-					if cur, ok := n.view[as.Volume]; n.alive && ok && as.Epoch > cur.Epoch {
-						n.view[as.Volume] = as
-						n.maxEpoch[as.Volume] = max(n.maxEpoch[as.Volume], as.Epoch)
-					}
-					return nil
-				})
+				s.deliver(n, *r.Assignment)
 				return nil
 			})
 			return nil
@@ -473,17 +466,22 @@ func (s *sim) rejoinLater(n *simNode, vol coordapi.VolumeID, target coordapi.Nod
 			return err
 		}
 		s.rejoins++
-		as := *r.Assignment
-		s.at(s.delay(), func() error {
-			if cur, ok := n.view[as.Volume]; n.alive && ok && as.Epoch > cur.Epoch {
-				n.view[as.Volume] = as
-				n.maxEpoch[as.Volume] = max(n.maxEpoch[as.Volume], as.Epoch)
-			}
-			return nil
-		})
+		s.deliver(n, *r.Assignment)
 		return nil
 	})
 	return nil
+}
+
+// deliver merges as, the coordinator's answer to n, into n's view after a
+// network delay, unless n died meanwhile or knows a newer epoch already.
+func (s *sim) deliver(n *simNode, as coordapi.Assignment) {
+	s.at(s.delay(), func() error {
+		if cur, ok := n.view[as.Volume]; n.alive && ok && as.Epoch > cur.Epoch {
+			n.view[as.Volume] = as
+			n.maxEpoch[as.Volume] = max(n.maxEpoch[as.Volume], as.Epoch)
+		}
+		return nil
+	})
 }
 
 func (s *sim) run(steps int) error {

@@ -44,15 +44,7 @@ func TestBadInput(t *testing.T) {
 	})
 	c := client(t, s.APIURL())
 	ctx := ctxT(t, time.Minute)
-	for _, n := range []string{"n1", "n2"} {
-		if _, err := c.Register(ctx, reg(n, n)); err != nil {
-			t.Fatal(err)
-		}
-	}
-	v, err := c.CreateVolume(ctx, coordapi.CreateVolumeRequest{Name: "v", Size: 1 << 30, Replicas: 2})
-	if err != nil {
-		t.Fatal(err)
-	}
+	v := volumeOn(t, ctx, c, "n1", "n2")
 	// Move the volume to epoch 2 so that epoch 1 is stale.
 	if _, err := c.ReplicaLoss(ctx, "v", coordapi.ReplicaLossRequest{Node: v.Primary, Epoch: 1, Lost: otherMember(v)}); err != nil {
 		t.Fatal(err)

@@ -89,3 +89,19 @@ type errString string
 func (e errString) Error() string { return string(e) }
 
 func errf(parts ...string) error { return errString(strings.Join(parts, " ")) }
+
+// volumeOn registers the nodes named (each its own zone) and creates the
+// 1 GiB volume "v" with 2 replicas.
+func volumeOn(t testing.TB, ctx context.Context, c *coordclient.Client, nodes ...string) *coordapi.Volume {
+	t.Helper()
+	for _, n := range nodes {
+		if _, err := c.Register(ctx, reg(n, n)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	v, err := c.CreateVolume(ctx, coordapi.CreateVolumeRequest{Name: "v", Size: 1 << 30, Replicas: 2})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return v
+}

@@ -20,15 +20,7 @@ func TestRecoveryAPI(t *testing.T) {
 	s := oneMember(t, nil)
 	c := client(t, s.APIURL())
 	ctx := ctxT(t, time.Minute)
-	for _, n := range []string{"n1", "n2", "n3"} {
-		if _, err := c.Register(ctx, reg(n, n)); err != nil {
-			t.Fatal(err)
-		}
-	}
-	v, err := c.CreateVolume(ctx, coordapi.CreateVolumeRequest{Name: "v", Size: 1 << 30, Replicas: 2})
-	if err != nil {
-		t.Fatal(err)
-	}
+	v := volumeOn(t, ctx, c, "n1", "n2", "n3")
 	p, o := v.Primary, otherMember(v)
 	a, err := c.ReplicaLoss(ctx, "v", coordapi.ReplicaLossRequest{Node: p, Epoch: 1, Lost: o})
 	if err != nil {
@@ -107,14 +99,7 @@ func TestRecoveryBadInput(t *testing.T) {
 	s := oneMember(t, nil)
 	c := client(t, s.APIURL())
 	ctx := ctxT(t, time.Minute)
-	for _, n := range []string{"n1", "n2"} {
-		if _, err := c.Register(ctx, reg(n, n)); err != nil {
-			t.Fatal(err)
-		}
-	}
-	if _, err := c.CreateVolume(ctx, coordapi.CreateVolumeRequest{Name: "v", Size: 1 << 30, Replicas: 2}); err != nil {
-		t.Fatal(err)
-	}
+	volumeOn(t, ctx, c, "n1", "n2")
 	before := stateOf(t, s)
 	hc := &http.Client{Timeout: 10 * time.Second}
 	for _, tc := range []struct {
@@ -167,15 +152,7 @@ func TestRecoveryNotStarvedByReads(t *testing.T) {
 	})
 	c := client(t, s.APIURL())
 	ctx := ctxT(t, time.Minute)
-	for _, n := range []string{"n1", "n2"} {
-		if _, err := c.Register(ctx, reg(n, n)); err != nil {
-			t.Fatal(err)
-		}
-	}
-	v, err := c.CreateVolume(ctx, coordapi.CreateVolumeRequest{Name: "v", Size: 1 << 30, Replicas: 2})
-	if err != nil {
-		t.Fatal(err)
-	}
+	v := volumeOn(t, ctx, c, "n1", "n2")
 	// Fill the read class with calls that block.
 	var wg sync.WaitGroup
 	for range 4 {
